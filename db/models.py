@@ -1,0 +1,299 @@
+"""SQLAlchemy 2 typed models. The schema is made only by Alembic migrations (db/migrations).
+
+Chat identities are (channel, external_id as text) so a Zalo channel needs no migration.
+Timestamps are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, date, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware datetimes on both backends (SQLite drops tzinfo otherwise)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON}
+
+
+class Role(enum.StrEnum):
+    official = "official"
+    unit_admin = "unit_admin"
+    support = "support"
+    dtc_admin = "dtc_admin"
+
+
+class UnitKind(enum.StrEnum):
+    ward = "ward"
+    commune = "commune"
+    special_zone = "special_zone"
+    department = "department"
+    party_office = "party_office"
+    province_office = "province_office"
+    old_district = "old_district"
+    old_ward = "old_ward"
+
+
+class Stage(enum.StrEnum):
+    not_started = "not_started"
+    surveyed = "surveyed"
+    pilot = "pilot"
+    deployed = "deployed"
+    trained = "trained"
+    live = "live"
+
+
+class RequestStatus(enum.StrEnum):
+    pending = "pending"
+    approved = "approved"
+    rejected = "rejected"
+    cancelled = "cancelled"
+
+
+def _enum_check(name: str, column: str, values: type[enum.StrEnum]) -> CheckConstraint:
+    allowed = ", ".join(f"'{v.value}'" for v in values)
+    return CheckConstraint(f"{column} IN ({allowed})", name=name)
+
+
+class Province(Base):
+    __tablename__ = "provinces"
+
+    code: Mapped[str] = mapped_column(String(8), primary_key=True)
+    name: Mapped[str] = mapped_column(String(120))
+    name_folded: Mapped[str] = mapped_column(String(120), index=True)
+    codename: Mapped[str | None] = mapped_column(String(120))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Unit(Base):
+    __tablename__ = "units"
+    __table_args__ = (_enum_check("kind", "kind", UnitKind),)
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    name_folded: Mapped[str] = mapped_column(String(200), index=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    province_code: Mapped[str | None] = mapped_column(ForeignKey("provinces.code"), index=True)
+    parent_code: Mapped[str | None] = mapped_column(ForeignKey("units.code"))
+    merged_into: Mapped[str | None] = mapped_column(ForeignKey("units.code"), index=True)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    domain: Mapped[str | None] = mapped_column(String(120))
+    old_domains: Mapped[str | None] = mapped_column(Text)
+    e_id_code: Mapped[str | None] = mapped_column(String(40))
+    source: Mapped[str | None] = mapped_column(String(40))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    province: Mapped[Province | None] = relationship(lazy="raise")
+
+
+class Person(Base):
+    __tablename__ = "people"
+    __table_args__ = (_enum_check("role", "role", Role),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    full_name: Mapped[str] = mapped_column(String(200))
+    name_folded: Mapped[str] = mapped_column(String(200), index=True)
+    phone: Mapped[str | None] = mapped_column(String(20), unique=True)
+    unit_code: Mapped[str | None] = mapped_column(ForeignKey("units.code"), index=True)
+    position: Mapped[str | None] = mapped_column(String(200))
+    email: Mapped[str | None] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(20), default=Role.official.value)
+    lang: Mapped[str | None] = mapped_column(String(5))
+    verified_at: Mapped[datetime | None]
+    is_sample: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    unit: Mapped[Unit | None] = relationship(lazy="raise")
+    identities: Mapped[list[ChatIdentity]] = relationship(back_populates="person", lazy="raise")
+
+
+class ChatIdentity(Base):
+    """One account on one chat channel; Telegram ids are stored as text like Zalo's."""
+
+    __tablename__ = "chat_identities"
+    __table_args__ = (UniqueConstraint("channel", "external_id", name="channel_external"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    channel: Mapped[str] = mapped_column(String(16))
+    external_id: Mapped[str] = mapped_column(String(64))
+    person_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"), index=True)
+    display_name: Mapped[str | None] = mapped_column(String(200))
+    username: Mapped[str | None] = mapped_column(String(64))
+    lang: Mapped[str | None] = mapped_column(String(5))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    person: Mapped[Person | None] = relationship(back_populates="identities", lazy="raise")
+
+
+class RegistrationRequest(Base):
+    """A person whose phone is not on the staff list asks to be verified by an approver."""
+
+    __tablename__ = "registration_requests"
+    __table_args__ = (_enum_check("status", "status", RequestStatus),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    identity_id: Mapped[int] = mapped_column(ForeignKey("chat_identities.id"), index=True)
+    full_name: Mapped[str] = mapped_column(String(200))
+    phone: Mapped[str | None] = mapped_column(String(20))
+    phone_verified: Mapped[bool] = mapped_column(Boolean, default=False)
+    unit_code: Mapped[str] = mapped_column(ForeignKey("units.code"), index=True)
+    position: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16), default=RequestStatus.pending.value)
+    decided_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    decided_at: Mapped[datetime | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    identity: Mapped[ChatIdentity] = relationship(lazy="raise")
+    unit: Mapped[Unit] = relationship(lazy="raise")
+
+
+class System(Base):
+    __tablename__ = "systems"
+
+    code: Mapped[str] = mapped_column(String(32), primary_key=True)
+    abbr: Mapped[str] = mapped_column(String(20))
+    name_vi: Mapped[str] = mapped_column(String(200))
+    name_en: Mapped[str] = mapped_column(String(200))
+    sort: Mapped[int] = mapped_column(Integer, default=0)
+    source: Mapped[str | None] = mapped_column(String(200))
+
+
+class Milestone(Base):
+    __tablename__ = "milestones"
+    __table_args__ = (UniqueConstraint("key", name="key"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(64))
+    system_code: Mapped[str | None] = mapped_column(ForeignKey("systems.code"), index=True)
+    phase: Mapped[str | None] = mapped_column(String(64))
+    name_vi: Mapped[str] = mapped_column(Text)
+    name_en: Mapped[str] = mapped_column(Text)
+    due_date: Mapped[date | None] = mapped_column(Date)
+    stage_required: Mapped[str | None] = mapped_column(String(20))
+    scope: Mapped[str] = mapped_column(String(40), default="all")
+    province_code: Mapped[str | None] = mapped_column(ForeignKey("provinces.code"))
+    source: Mapped[str] = mapped_column(String(200))
+
+
+class UnitSystemStatus(Base):
+    __tablename__ = "unit_system_status"
+    __table_args__ = (_enum_check("stage", "stage", Stage),)
+
+    unit_code: Mapped[str] = mapped_column(ForeignKey("units.code"), primary_key=True)
+    system_code: Mapped[str] = mapped_column(ForeignKey("systems.code"), primary_key=True)
+    stage: Mapped[str] = mapped_column(String(20), default=Stage.not_started.value)
+    note: Mapped[str | None] = mapped_column(Text)
+    updated_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class StatusHistory(Base):
+    __tablename__ = "status_history"
+    __table_args__ = (Index("ix_status_history_unit_system", "unit_code", "system_code", "at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    unit_code: Mapped[str] = mapped_column(ForeignKey("units.code"))
+    system_code: Mapped[str] = mapped_column(ForeignKey("systems.code"))
+    old_stage: Mapped[str | None] = mapped_column(String(20))
+    new_stage: Mapped[str] = mapped_column(String(20))
+    note: Mapped[str | None] = mapped_column(Text)
+    actor_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class AuditLog(Base):
+    """Who did what to which object, with before/after; written in the same transaction."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_object", "object_type", "object_id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor_person_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    object_type: Mapped[str | None] = mapped_column(String(40))
+    object_id: Mapped[str | None] = mapped_column(String(64))
+    before: Mapped[dict[str, Any] | None]
+    after: Mapped[dict[str, Any] | None]
+
+
+class InboxUpdate(Base):
+    """Every update is stored here before it is confirmed to Telegram, then marked handled.
+
+    The (bot_id, update_id) key doubles as the processed-update-id record for deduplication.
+    """
+
+    __tablename__ = "inbox_updates"
+    __table_args__ = (Index("ix_inbox_updates_pending", "bot_id", "status"),)
+
+    bot_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    update_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    payload: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(12), default="pending")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_ref: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    handled_at: Mapped[datetime | None]
+
+
+class FsmRecord(Base):
+    """aiogram FSM state/data kept in the database so a restart keeps conversations."""
+
+    __tablename__ = "fsm_records"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str | None] = mapped_column(String(200))
+    data: Mapped[dict[str, Any] | None]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
