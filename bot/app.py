@@ -1,0 +1,185 @@
+"""App assembly: bot, dispatcher, middlewares, routers, and the polling/webhook runners.
+
+Factories only; nothing is built at import time. The runners feed updates through the
+durable :class:`~bot.inbox.Inbox`, never through aiogram's own polling loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from aiogram import Bot, Dispatcher
+from aiogram.client.default import DefaultBotProperties
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.client.telegram import TelegramAPIServer
+from aiogram.enums import ParseMode
+from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
+from aiogram.methods import GetUpdates
+from aiohttp import web
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from bot.commands import CommandMenu
+from bot.config import ConfigError, Settings
+from bot.fsm_storage import DbStorage
+from bot.inbox import Inbox
+from bot.middlewares import DbSessionMiddleware, RoleMiddleware, WhoMiddleware
+from db.session import make_engine, make_sessionmaker
+from services import texts
+
+log = logging.getLogger("hopnhat")
+POLL_TIMEOUT = 25
+ALLOWED_UPDATES = ["message", "edited_message", "callback_query", "inline_query",
+                   "my_chat_member"]
+
+
+def create_bot(settings: Settings) -> Bot:
+    if settings.bot_token is None:
+        raise ConfigError("HOPNHAT_BOT_TOKEN: not set (get one from @BotFather)")
+    session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
+    return Bot(
+        settings.bot_token.get_secret_value(),
+        session=session,
+        default=DefaultBotProperties(parse_mode=ParseMode.HTML, link_preview_is_disabled=True),
+    )
+
+
+def create_dispatcher(
+    settings: Settings, maker: async_sessionmaker[AsyncSession], menu: CommandMenu
+) -> Dispatcher:
+    from handlers import approvals, errors, fallback, imports, registration, start
+
+    dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu)
+    dp.update.outer_middleware(DbSessionMiddleware(maker))
+    dp.update.outer_middleware(WhoMiddleware(settings))
+    for observer in (dp.message, dp.edited_message, dp.callback_query, dp.inline_query):
+        observer.middleware(RoleMiddleware())
+    routers = (
+        errors.router,
+        start.router,
+        approvals.router,
+        imports.router,
+        registration.router,
+        fallback.router,  # catch-all last
+    )
+    for r in routers:  # module routers: re-attachable when a process builds a new dispatcher
+        r._parent_router = None
+    dp.include_routers(*routers)
+    return dp
+
+
+@dataclass
+class App:
+    settings: Settings
+    engine: AsyncEngine
+    maker: async_sessionmaker[AsyncSession]
+    bot: Bot
+    dp: Dispatcher
+    inbox: Inbox
+    menu: CommandMenu
+
+    async def close(self) -> None:
+        await self.inbox.drain()
+        await self.bot.session.close()
+        await self.engine.dispose()
+
+
+def build_app(settings: Settings) -> App:
+    texts.configure(settings.timezone)
+    engine = make_engine(settings.database_url, immediate=True)
+    maker = make_sessionmaker(engine)
+    bot = create_bot(settings)
+    menu = CommandMenu(bot, settings.default_lang)
+    dp = create_dispatcher(settings, maker, menu)
+    return App(settings, engine, maker, bot, dp, Inbox(dp, bot, maker), menu)
+
+
+async def _startup(app: App) -> None:
+    me = await app.bot.get_me()
+    log.info("bot @%s (%s) on %s", me.username, me.id, app.settings.telegram_api_url)
+    try:
+        await app.menu.set_default()
+    except Exception:
+        log.warning("could not set the default command menu", exc_info=True)
+
+
+async def run_polling(app: App, stop: asyncio.Event | None = None) -> None:
+    """Long polling where the offset advances only after the batch is stored in the inbox."""
+    stop = stop or asyncio.Event()
+    await _startup(app)
+    await app.bot.delete_webhook(drop_pending_updates=False)
+    await app.inbox.resume()
+    offset: int | None = None
+    backoff = 1.0
+    while not stop.is_set():
+        poll = asyncio.ensure_future(app.bot(GetUpdates(
+            offset=offset, timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)))
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if poll not in done:
+            poll.cancel()
+            with contextlib.suppress(BaseException):
+                await poll
+            break
+        try:
+            updates = poll.result()
+        except TelegramRetryAfter as exc:
+            await asyncio.sleep(exc.retry_after)
+            continue
+        except (TelegramNetworkError, TelegramServerError) as exc:
+            log.warning("getUpdates failed (%s); retrying in %.0fs", exc, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30)
+            continue
+        backoff = 1.0
+        if not updates:
+            continue
+        payloads = [u.model_dump(mode="json", exclude_none=True) for u in updates]
+        await app.inbox.feed(payloads)  # stored before the next call confirms them
+        offset = updates[-1].update_id + 1
+
+
+def webhook_app(app: App, path: str = "/webhook") -> web.Application:
+    """aiohttp app: store the update, answer 200, handle it in the background."""
+    secret = app.settings.webhook_secret.get_secret_value() if app.settings.webhook_secret else None
+
+    async def receive(request: web.Request) -> web.Response:
+        if secret is not None and request.headers.get("X-Telegram-Bot-Api-Secret-Token") != secret:
+            return web.Response(status=401, text="unauthorized")
+        try:
+            payload = await request.json()
+            int(payload["update_id"])
+        except (ValueError, KeyError, TypeError):
+            return web.Response(status=400, text="bad update")
+        await app.inbox.feed([payload])
+        return web.json_response({"ok": True})
+
+    web_app = web.Application()
+    web_app.router.add_post(path, receive)
+    return web_app
+
+
+async def run_webhook(app: App, stop: asyncio.Event | None = None) -> None:
+    stop = stop or asyncio.Event()
+    s = app.settings
+    if not s.webhook_url:
+        raise ConfigError("HOPNHAT_WEBHOOK_URL: required for webhook mode")
+    await _startup(app)
+    runner = web.AppRunner(webhook_app(app, path=urlparse(s.webhook_url).path or "/webhook"))
+    await runner.setup()
+    site = web.TCPSite(runner, s.webhook_host, s.webhook_port)
+    await site.start()
+    await app.bot.set_webhook(
+        s.webhook_url, allowed_updates=ALLOWED_UPDATES,
+        secret_token=s.webhook_secret.get_secret_value() if s.webhook_secret else None,
+    )
+    await app.inbox.resume()
+    log.info("webhook listening on %s:%s for %s", s.webhook_host, s.webhook_port, s.webhook_url)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

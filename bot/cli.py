@@ -1,0 +1,228 @@
+"""The ``hopnhat`` command line (Typer). Imports are lazy so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bot.config import ConfigError, Settings, load_settings
+
+app = typer.Typer(
+    help="hopnhat — trợ lý vận hành chuyển đổi hệ thống thông tin khi hợp nhất tỉnh "
+         "(operations assistant for Vietnam's 2025 provincial merger).",
+    no_args_is_help=True,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+import_app = typer.Typer(help="Import unit and staff lists from CSV/XLSX.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(import_app, name="import")
+
+CONSOLE_TOKEN = "1000000001:CONSOLE-offline-emulator-token-000000"
+
+
+def _settings(**overrides: object) -> Settings:
+    try:
+        return load_settings(**overrides)
+    except ConfigError as exc:
+        typer.secho(f"Configuration error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+def _logging(settings: Settings, quiet: bool = False) -> None:
+    level = logging.WARNING if quiet else getattr(logging, settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiogram.event").setLevel(logging.WARNING)
+
+
+async def init_database(settings: Settings, *, sample: bool = True, echo: bool = True) -> dict:
+    """Create or upgrade the schema and load the national register, plan and sample data."""
+    from services.sample import load_sample_data
+
+    from db.migrate import upgrade_async
+    from db.session import make_engine, make_sessionmaker
+    from knowledge.plan import load_plan
+    from services.audit import Actor
+    from services.register import load_national_register
+
+    await upgrade_async(settings.database_url)
+    engine = make_engine(settings.database_url)
+    actor = Actor.system("cli:init")
+    out: dict = {}
+    try:
+        async with make_sessionmaker(engine)() as s:
+            out["register"] = await load_national_register(s, actor)
+            out["plan"] = await load_plan(s, actor)
+            if sample:
+                out["sample"] = await load_sample_data(s, actor)
+            await s.commit()
+    finally:
+        await engine.dispose()
+    if echo:
+        for k, v in out.items():
+            typer.echo(f"{k}: {v}")
+    return out
+
+
+@app.command()
+def init(
+    sample: Annotated[bool, typer.Option(help="Also load the labelled sample staff.")] = True,
+) -> None:
+    """Create/upgrade the database (Alembic) and load the national register, plan and samples."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    asyncio.run(init_database(settings, sample=sample))
+    typer.echo(f"Database ready: {settings.masked()['HOPNHAT_DATABASE_URL']}")
+
+
+def _run_until_signal(coro_factory) -> None:  # type: ignore[no-untyped-def]
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await coro_factory(stop)
+
+    asyncio.run(main())
+
+
+@app.command()
+def run(
+    webhook: Annotated[bool, typer.Option(help="Serve a webhook instead of long polling.")] = False,
+) -> None:
+    """Run the bot (long polling by default). Without a token, starts the offline console."""
+    settings = _settings()
+    if settings.bot_token is None:
+        typer.secho("HOPNHAT_BOT_TOKEN is not set: starting the offline console instead.",
+                    fg=typer.colors.YELLOW, err=True)
+        console()
+        return
+    _logging(settings)
+
+    async def go(stop: asyncio.Event) -> None:
+        from bot.app import build_app, run_polling, run_webhook
+        from db.migrate import upgrade_async
+        await upgrade_async(settings.database_url)
+        app_ = build_app(settings)
+        try:
+            await (run_webhook if webhook else run_polling)(app_, stop)
+        finally:
+            await app_.close()
+
+    try:
+        _run_until_signal(go)
+    except ConfigError as exc:
+        typer.secho(f"Configuration error: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+@app.command()
+def console(
+    database_url: Annotated[str | None, typer.Option(help="Override HOPNHAT_DATABASE_URL.")] = None,
+) -> None:
+    """Chat with the bot offline: emulator + real bot in one process, on the embedded SQLite."""
+    overrides: dict[str, object] = {"bot_token": CONSOLE_TOKEN}
+    if database_url:
+        overrides["database_url"] = database_url
+    settings = _settings(**overrides)
+    from bot.console import run_console
+
+    asyncio.run(run_console(settings))
+
+
+@app.command()
+def emulator(
+    port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = 8081,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+) -> None:
+    """Run the standalone Bot API emulator (point HOPNHAT_TELEGRAM_API_URL at it)."""
+    from bot.emulator import Emulator
+
+    async def go(stop: asyncio.Event) -> None:
+        emu = Emulator()
+        url = await emu.start(host=host, port=port)
+        typer.echo(f"Bot API emulator on {url} (control API under {url}/_emulator/)")
+        await stop.wait()
+        await emu.stop()
+
+    _run_until_signal(go)
+
+
+def _import(kind: str, file: Path, skip_invalid: bool, dry_run: bool) -> None:
+    settings = _settings()
+    _logging(settings, quiet=True)
+    if not file.is_file():
+        typer.secho(f"File not found: {file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+
+    async def go() -> int:
+        from db.migrate import upgrade_async
+        from db.session import make_engine, make_sessionmaker
+        from services import imports, texts
+        from services.audit import Actor
+
+        await upgrade_async(settings.database_url)
+        engine = make_engine(settings.database_url)
+        fn = imports.import_staff if kind == "staff" else imports.import_units
+        lang = settings.default_lang
+        try:
+            async with make_sessionmaker(engine)() as s:
+                try:
+                    report = await fn(s, file.read_bytes(), file.name, Actor.system("cli:import"),
+                                      skip_invalid=skip_invalid, dry_run=dry_run)
+                except imports.ImportFileError as exc:
+                    typer.secho(texts.t(f"import.file_err.{exc.code}", lang, **exc.detail),
+                                fg=typer.colors.RED, err=True)
+                    return 2
+                from handlers.imports import render_report
+
+                typer.echo(texts.strip_html(render_report(report, lang)))
+                if report.applied:
+                    await s.commit()
+                    typer.secho("Applied.", fg=typer.colors.GREEN)
+                    return 0
+                typer.secho("Nothing applied" + (" (dry run)." if dry_run else
+                            ": fix the rows above or pass --skip-invalid."), fg=typer.colors.YELLOW)
+                return 0 if dry_run else 1
+        finally:
+            await engine.dispose()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
+SkipOpt = Annotated[bool, typer.Option("--skip-invalid", help="Import valid rows, skip bad.")]
+DryOpt = Annotated[bool, typer.Option("--dry-run", help="Check and report; change nothing.")]
+
+
+@import_app.command("units")
+def import_units(file: Path, skip_invalid: SkipOpt = False, dry_run: DryOpt = False) -> None:
+    """Import units (code, name, kind, province_code, parent_code, merged_into, domain, active)."""
+    _import("units", file, skip_invalid, dry_run)
+
+
+@import_app.command("staff")
+def import_staff(file: Path, skip_invalid: SkipOpt = False, dry_run: DryOpt = False) -> None:
+    """Import staff (full_name, phone, unit_code, position, email, role)."""
+    _import("staff", file, skip_invalid, dry_run)
+
+
+@config_app.command("show")
+def config_show() -> None:
+    """Print the effective configuration with secrets masked."""
+    settings = _settings()
+    for key, value in settings.masked().items():
+        typer.echo(f"{key}={value}")
+
+
+def main() -> None:
+    try:
+        app()
+    except ConfigError as exc:  # raised lazily by factories
+        typer.secho(f"Configuration error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)

@@ -1,0 +1,131 @@
+"""Durable update inbox: record every update before Telegram is told it was received.
+
+aiogram's polling confirms an update (the next getUpdates offset) before its handler runs, and
+its webhook handler answers 200 first; a crash there loses the update. Here each update is
+stored (``inbox_updates``) first and confirmed after; whatever is still pending at start-up is
+handled then. The (bot_id, update_id) key makes a re-delivered update a no-op once handled.
+Updates of one chat are handled in order; different chats run concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections import defaultdict
+from typing import Any
+
+from aiogram import Bot, Dispatcher
+from aiogram.types import Update
+from sqlalchemy import select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from db.models import InboxUpdate, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def chat_key(payload: dict[str, Any]) -> str:
+    """Serialize per chat (or per user for inline queries); unknown shapes share one lane."""
+    for field in ("message", "edited_message", "channel_post", "callback_query",
+                  "my_chat_member", "chat_member", "inline_query", "chosen_inline_result"):
+        obj = payload.get(field)
+        if not obj:
+            continue
+        chat = obj.get("chat") or (obj.get("message") or {}).get("chat")
+        if chat:
+            return f"c{chat['id']}"
+        if obj.get("from"):
+            return f"u{obj['from']['id']}"
+    return "other"
+
+
+class Inbox:
+    def __init__(
+        self,
+        dp: Dispatcher,
+        bot: Bot,
+        maker: async_sessionmaker[AsyncSession],
+        concurrency: int = 64,
+    ) -> None:
+        self.dp, self.bot, self.maker = dp, bot, maker
+        self.bot_id = bot.id
+        self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._sem = asyncio.Semaphore(concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def record(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Store updates (ignoring ones already stored); return those still to handle."""
+        if not payloads:
+            return []
+        async with self.maker() as s:
+            dialect = s.bind.dialect.name
+            insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            rows = [{"bot_id": self.bot_id, "update_id": p["update_id"],
+                     "payload": json.dumps(p, ensure_ascii=False), "status": "pending",
+                     "attempts": 0, "received_at": utcnow()} for p in payloads]
+            await s.execute(insert(InboxUpdate).on_conflict_do_nothing(), rows)
+            ids = [p["update_id"] for p in payloads]
+            pending = set(await s.scalars(select(InboxUpdate.update_id).where(
+                InboxUpdate.bot_id == self.bot_id, InboxUpdate.update_id.in_(ids),
+                InboxUpdate.status == "pending")))
+            await s.commit()
+        return [p for p in payloads if p["update_id"] in pending]
+
+    def dispatch(self, payloads: list[dict[str, Any]]) -> None:
+        """Handle recorded updates in background tasks (per-chat FIFO via fair locks)."""
+        for payload in payloads:
+            lock = self._locks[chat_key(payload)]
+            task = asyncio.create_task(self._handle(payload, lock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, payload: dict[str, Any], lock: asyncio.Lock) -> None:
+        async with lock, self._sem:
+            await self.handle_one(payload)
+
+    async def handle_one(self, payload: dict[str, Any]) -> None:
+        key = (self.bot_id, payload["update_id"])
+        async with self.maker() as s:
+            row = await s.get(InboxUpdate, key)
+            if row is None or row.status != "pending":
+                return
+            row.attempts += 1
+            await s.commit()
+        try:
+            upd = Update.model_validate(payload, context={"bot": self.bot})
+            await self.dp.feed_update(self.bot, upd, inbox_key=key)
+        except Exception:  # the errors router already logged and apologized
+            log.debug("update %s failed", key, exc_info=True)
+        async with self.maker() as s:  # still pending means the handler did not commit
+            await s.execute(
+                update(InboxUpdate)
+                .where(InboxUpdate.bot_id == key[0], InboxUpdate.update_id == key[1],
+                       InboxUpdate.status == "pending")
+                .values(status="failed", handled_at=utcnow())
+            )
+            await s.commit()
+
+    async def pending(self) -> list[dict[str, Any]]:
+        async with self.maker() as s:
+            rows = await s.scalars(select(InboxUpdate.payload).where(
+                InboxUpdate.bot_id == self.bot_id, InboxUpdate.status == "pending"
+            ).order_by(InboxUpdate.update_id))
+            return [json.loads(r) for r in rows]
+
+    async def resume(self) -> int:
+        """Handle what a previous process recorded but did not finish."""
+        left = await self.pending()
+        if left:
+            log.info("resuming %d update(s) left pending by the previous run", len(left))
+            self.dispatch(left)
+        return len(left)
+
+    async def feed(self, payloads: list[dict[str, Any]]) -> None:
+        self.dispatch(await self.record(payloads))
+
+    async def drain(self) -> None:
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)

@@ -1,0 +1,132 @@
+"""Channel-neutral choices: every button step also accepts its number or its words as text.
+
+A step offering options sends them as numbered inline buttons and remembers them in the
+chat's FSM data (``_choices``). :class:`TypedChoice` turns a typed "2" or "english" into the
+same ``callback_data`` a button press would give, so one handler serves both (and the Zalo
+channel, which has no buttons, later needs no new flows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiogram import Bot
+from aiogram.filters import Filter
+from aiogram.filters.callback_data import CallbackData
+from aiogram.fsm.context import FSMContext
+from aiogram.fsm.storage.base import BaseStorage, StorageKey
+from aiogram.types import (
+    CallbackQuery,
+    InlineKeyboardButton,
+    InlineKeyboardMarkup,
+    Message,
+)
+
+from services.folding import fold
+from services.texts import split_text
+
+CHOICES_KEY = "_choices"
+
+
+@dataclass
+class Choice:
+    label: str
+    data: str
+    words: tuple[str, ...] = field(default_factory=tuple)
+
+
+def keyboard(choices: list[Choice], columns: int = 1, numbered: bool = True) -> InlineKeyboardMarkup:
+    buttons = [
+        InlineKeyboardButton(text=f"{i}. {c.label}" if numbered else c.label, callback_data=c.data)
+        for i, c in enumerate(choices, 1)
+    ]
+    rows = [buttons[i:i + columns] for i in range(0, len(buttons), columns)]
+    return InlineKeyboardMarkup(inline_keyboard=rows)
+
+
+def remembered(choices: list[Choice]) -> list[list[Any]]:
+    return [[c.data, fold(c.label), *[fold(w) for w in c.words]] for c in choices]
+
+
+async def remember(state: FSMContext, choices: list[Choice]) -> None:
+    await state.update_data({CHOICES_KEY: remembered(choices)})
+
+
+def state_for(storage: BaseStorage, bot: Bot, chat_id: int, user_id: int | None = None) -> FSMContext:
+    """The FSM context of another chat (e.g. an approver's), to remember choices sent there."""
+    key = StorageKey(bot_id=bot.id, chat_id=chat_id, user_id=user_id or chat_id)
+    return FSMContext(storage=storage, key=key)
+
+
+async def ask(
+    target: Message,
+    state: FSMContext,
+    text: str,
+    choices: list[Choice],
+    columns: int = 1,
+) -> Message:
+    """Send ``text`` with numbered buttons and remember them for typed answers."""
+    await remember(state, choices)
+    return await target.answer(text, reply_markup=keyboard(choices, columns))
+
+
+def match_choice(text: str, stored: list[list[Any]]) -> str | None:
+    folded = fold(text)
+    if not folded:
+        return None
+    if folded.isdigit():
+        n = int(folded)
+        return stored[n - 1][0] if 1 <= n <= len(stored) else None
+    for data, *words in stored:
+        if folded in words:
+            return data
+    return None
+
+
+class TypedChoice(Filter):
+    """Matches a text message that names one of the remembered choices of ``cb``'s kind."""
+
+    def __init__(self, cb: type[CallbackData]) -> None:
+        self.cb = cb
+
+    async def __call__(self, message: Message, state: FSMContext) -> bool | dict[str, Any]:
+        if not message.text:
+            return False
+        stored = (await state.get_data()).get(CHOICES_KEY) or []
+        data = match_choice(message.text, stored)
+        if data is None or not data.startswith(self.cb.__prefix__ + self.cb.__separator__):
+            return False
+        try:
+            return {"callback_data": self.cb.unpack(data)}
+        except (ValueError, TypeError):
+            return False
+
+
+async def reply_target(event: Message | CallbackQuery, *, drop_keyboard: bool = True) -> Message:
+    """Acknowledge a press (or a typed choice) and return the message to answer under.
+
+    Pressed keyboards are removed so a stale second press cannot repeat the step.
+    """
+    if isinstance(event, Message):
+        return event
+    await event.answer()
+    msg = event.message
+    if not isinstance(msg, Message):
+        raise LookupError("callback without an accessible message")
+    if drop_keyboard and msg.reply_markup is not None:
+        try:
+            await msg.edit_reply_markup(reply_markup=None)
+        except Exception:  # already edited by a concurrent press; nothing to undo
+            pass
+    return msg
+
+
+async def answer_long(target: Message, text: str, **kwargs: Any) -> list[Message]:
+    """Send a text of any length as several messages split on line boundaries."""
+    parts = split_text(text)
+    sent = []
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        sent.append(await target.answer(part, **(kwargs if last else {})))
+    return sent
