@@ -53,7 +53,11 @@ def create_dispatcher(
     from handlers import approvals, errors, fallback, imports, registration, start
 
     dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu)
+    # The DB session opens before aiogram's FSM middleware reads the state, so the state is
+    # read and written in the update's one transaction (one connection per update).
+    dp.update.outer_middleware.unregister(dp.fsm)
     dp.update.outer_middleware(DbSessionMiddleware(maker))
+    dp.update.outer_middleware(dp.fsm)
     dp.update.outer_middleware(WhoMiddleware(settings))
     for observer in (dp.message, dp.edited_message, dp.callback_query, dp.inline_query):
         observer.middleware(RoleMiddleware())

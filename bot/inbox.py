@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from db.models import InboxUpdate, utcnow
 
 log = logging.getLogger(__name__)
+MAX_ATTEMPTS = 3  # an update that kills the process every time must not stop the bot forever
 
 
 def chat_key(payload: dict[str, Any]) -> str:
@@ -65,7 +66,7 @@ class Inbox:
             insert = pg_insert if dialect == "postgresql" else sqlite_insert
             rows = [{"bot_id": self.bot_id, "update_id": p["update_id"],
                      "payload": json.dumps(p, ensure_ascii=False), "status": "pending",
-                     "attempts": 0, "received_at": utcnow()} for p in payloads]
+                     "attempts": 1, "received_at": utcnow()} for p in payloads]
             await s.execute(insert(InboxUpdate).on_conflict_do_nothing(), rows)
             ids = [p["update_id"] for p in payloads]
             pending = set(await s.scalars(select(InboxUpdate.update_id).where(
@@ -88,18 +89,15 @@ class Inbox:
 
     async def handle_one(self, payload: dict[str, Any]) -> None:
         key = (self.bot_id, payload["update_id"])
-        async with self.maker() as s:
-            row = await s.get(InboxUpdate, key)
-            if row is None or row.status != "pending":
-                return
-            row.attempts += 1
-            await s.commit()
+        outcome: dict[str, bool] = {}
         try:
             upd = Update.model_validate(payload, context={"bot": self.bot})
-            await self.dp.feed_update(self.bot, upd, inbox_key=key)
+            await self.dp.feed_update(self.bot, upd, inbox_key=key, inbox_outcome=outcome)
         except Exception:  # the errors router already logged and apologized
             log.debug("update %s failed", key, exc_info=True)
-        async with self.maker() as s:  # still pending means the handler did not commit
+        if outcome.get("done"):
+            return
+        async with self.maker() as s:  # the handler did not commit: do not retry forever
             await s.execute(
                 update(InboxUpdate)
                 .where(InboxUpdate.bot_id == key[0], InboxUpdate.update_id == key[1],
@@ -116,7 +114,19 @@ class Inbox:
             return [json.loads(r) for r in rows]
 
     async def resume(self) -> int:
-        """Handle what a previous process recorded but did not finish."""
+        """Handle what a previous process recorded but did not finish (counted as a new
+        attempt; an update that already failed MAX_ATTEMPTS times is abandoned)."""
+        async with self.maker() as s:
+            mine = (InboxUpdate.bot_id == self.bot_id, InboxUpdate.status == "pending")
+            abandoned = await s.execute(update(InboxUpdate).where(
+                *mine, InboxUpdate.attempts >= MAX_ATTEMPTS).values(
+                status="failed", handled_at=utcnow()))
+            if abandoned.rowcount:
+                log.error("abandoned %d update(s) after %d attempts", abandoned.rowcount,
+                          MAX_ATTEMPTS)
+            await s.execute(update(InboxUpdate).where(*mine).values(
+                attempts=InboxUpdate.attempts + 1))
+            await s.commit()
         left = await self.pending()
         if left:
             log.info("resuming %d update(s) left pending by the previous run", len(left))

@@ -71,6 +71,8 @@ class DbSessionMiddleware(BaseMiddleware):
                     .values(status="done", handled_at=utcnow())
                 )
             await session.commit()
+        if "inbox_outcome" in data:
+            data["inbox_outcome"]["done"] = True
         await post.run()
         return result
 

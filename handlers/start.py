@@ -58,17 +58,20 @@ def profile_params(who: Who) -> dict[str, object]:
 @router.message(CommandStart(), flags={"perm": "start"})
 async def start(
     message: Message, state: FSMContext, session: AsyncSession, who: Who, lang: str,
-    settings: Settings, actor: Actor, menu: CommandMenu,
+    settings: Settings, actor: Actor, menu: CommandMenu, raw_state: str | None = None,
 ) -> None:
-    await state.clear()
+    if raw_state is not None:
+        await state.clear()
+    person_is_new = False
     if who.person is None:
         person = await registration.bootstrap_admin(session, who.identity, settings.admin_ids, actor)
         if person is not None:
-            who = Who(who.identity, person, None)
+            who, person_is_new = Who(who.identity, person, None), True
     if who.role is not None:
         await message.answer(t("start.welcome_back", lang, **profile_params(who)),
                              reply_markup=ReplyKeyboardRemove())
-        await menu.set_for_chat(message.chat.id, who.role)
+        if person_is_new:
+            await menu.set_for_chat(message.chat.id, who.role)
         return
     pending = await registration.pending_request_of(session, who.identity)
     if pending is not None:
