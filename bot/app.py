@@ -50,9 +50,11 @@ def create_bot(settings: Settings) -> Bot:
 def create_dispatcher(
     settings: Settings, maker: async_sessionmaker[AsyncSession], menu: CommandMenu
 ) -> Dispatcher:
-    from handlers import approvals, errors, fallback, imports, registration, start
+    from handlers import approvals, errors, fallback, imports, knowledge, registration, start
+    from knowledge.search import KnowledgeBase
 
-    dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu)
+    dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu,
+                    kb=KnowledgeBase.load())
     # The DB session opens before aiogram's FSM middleware reads the state, so the state is
     # read and written in the update's one transaction (one connection per update).
     dp.update.outer_middleware.unregister(dp.fsm)
@@ -67,6 +69,7 @@ def create_dispatcher(
         approvals.router,
         imports.router,
         registration.router,
+        knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )
     for r in routers:  # module routers: re-attachable when a process builds a new dispatcher

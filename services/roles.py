@@ -28,7 +28,7 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("cancel", None, "cancel"),
         Permission("register", None),
         Permission("me", VERIFIED, "me"),
-        Permission("ask", VERIFIED),
+        Permission("ask", None),
         Permission("approve_registration", APPROVERS, "pending"),
         Permission("import", OPERATORS, "import"),
     )

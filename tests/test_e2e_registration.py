@@ -216,3 +216,14 @@ async def test_duplicate_update_handled_once(live, seeded_maker):
     [again] = await say(emu, 5010, "/lang")
     assert "ngôn ngữ" in again["text"]
     assert len([m for m in emu.sent(5010) if "Các chức năng" in (m.get("text") or "")]) == 1
+
+
+async def test_free_text_question_answered_with_source(live, seeded_maker):
+    emu = live.emu
+    emu.add_user(5011, "Hỏi")
+    [ans] = await say(emu, 5011, "khi nao he thong quan ly van ban chay chinh thuc?")
+    assert "1/9" in ans["text"] or "1-9" in ans["text"] or "01/09" in ans["text"] \
+        or "1 tháng 9" in ans["text"], ans["text"]
+    assert "Nguồn" in ans["text"]
+    [unsure] = await say(emu, 5011, "giá bitcoin hôm nay bao nhiêu")
+    assert "chưa" in unsure["text"]
