@@ -121,7 +121,7 @@ class Unit(Base):
     name_folded: Mapped[str] = mapped_column(String(200), index=True)
     kind: Mapped[str] = mapped_column(String(20))
     province_code: Mapped[str | None] = mapped_column(ForeignKey("provinces.code"), index=True)
-    parent_code: Mapped[str | None] = mapped_column(ForeignKey("units.code"))
+    parent_code: Mapped[str | None] = mapped_column(ForeignKey("units.code"), index=True)
     merged_into: Mapped[str | None] = mapped_column(ForeignKey("units.code"), index=True)
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     domain: Mapped[str | None] = mapped_column(String(120))

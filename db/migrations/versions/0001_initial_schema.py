@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-23 19:06:53.630624
+Create Date: 2026-11-23 19:31:01.056595
 """
 
 from __future__ import annotations
@@ -107,6 +107,7 @@ def upgrade() -> None:
     with op.batch_alter_table('units', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_units_merged_into'), ['merged_into'], unique=False)
         batch_op.create_index(batch_op.f('ix_units_name_folded'), ['name_folded'], unique=False)
+        batch_op.create_index(batch_op.f('ix_units_parent_code'), ['parent_code'], unique=False)
         batch_op.create_index(batch_op.f('ix_units_province_code'), ['province_code'], unique=False)
 
     op.create_table('people',
@@ -253,6 +254,7 @@ def downgrade() -> None:
     op.drop_table('people')
     with op.batch_alter_table('units', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_units_province_code'))
+        batch_op.drop_index(batch_op.f('ix_units_parent_code'))
         batch_op.drop_index(batch_op.f('ix_units_name_folded'))
         batch_op.drop_index(batch_op.f('ix_units_merged_into'))
 
