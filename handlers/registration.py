@@ -25,7 +25,7 @@ from services.people import Who, person_by_phone
 from services.phones import try_normalize_phone
 from services.registration import ContactOutcome
 from services.texts import t
-from services.units import resolve_old_address, search_units
+from services.units import UnitItem, get_unit, resolve_old_address, search_units
 
 router = Router(name=__name__)
 
@@ -146,28 +146,41 @@ async def on_unit_chosen(
                                phone_verified=data.get("phone_verified")), choices)
 
 
+def unit_choices(items: list[UnitItem]) -> list[Choice]:
+    """One choice per target unit; a former unit points to the unit it became."""
+    seen: set[str] = set()
+    out = []
+    for u in items:
+        target = u.code if u.active or not u.merged_into else u.merged_into
+        if target in seen:
+            continue
+        seen.add(target)
+        label = u.name if u.active else f"{u.name} → {u.merged_into_name}"
+        if u.province_name:
+            label = f"{label} — {u.province_name}"
+        out.append(Choice(label, UnitCb(code=target).pack()))
+    return out
+
+
 @router.message(Reg.unit, F.text, flags={"perm": "register"})
 async def on_unit_query(message: Message, state: FSMContext, session: AsyncSession,
                         lang: str) -> None:
     query = (message.text or "").strip()[:200]
-    found = await search_units(session, query, limit=UNIT_PAGE)
+    found = await search_units(session, query, include_defunct=True, limit=UNIT_PAGE)
     items = list(found.items)
     note = None
     if not items:
         old = resolve_old_address(query)
-        if old is not None:
-            note = t("reg.old_unit_note", lang, old=old.old_name, new=old.new_name)
-            items = list((await search_units(session, old.new_name, limit=1)).items)
+        new_unit = await get_unit(session, old.new_ward_code) if old else None
+        if old is not None and new_unit is not None:
+            note = t("reg.old_unit_note", lang, old=old.old_name, new=new_unit.name)
+            items = [UnitItem(new_unit.code, new_unit.name, new_unit.kind,
+                              new_unit.province_code, old.new_province_name, True, None, None)]
     if not items:
         await message.answer(t("reg.unit_none", lang, query=query))
         return
-    choices = [
-        Choice(f"{u.name} — {u.province_name}" if u.province_name else u.name,
-               UnitCb(code=u.code).pack())
-        for u in items
-    ]
     text = t("reg.pick_unit", lang, total=found.total, shown=len(items), note=note)
-    await ask(message, state, text, choices)
+    await ask(message, state, text, unit_choices(items))
 
 
 @router.message(Reg.confirm, TypedChoice(ConfirmCb), flags={"perm": "register"})

@@ -3,6 +3,7 @@ on SQLite and on PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import html
 
 from sqlalchemy import func, select
@@ -26,6 +27,19 @@ async def add_person(maker, name, phone, unit, role="official", telegram_id=None
             s.add(ChatIdentity(channel="telegram", external_id=str(telegram_id), person_id=p.id))
         await s.commit()
         return p.id
+
+
+async def eventually(maker, query, timeout: float = 10.0):
+    """The first row of ``query`` once the bot's transaction has committed it."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout
+    while True:
+        async with maker() as s:
+            row = await s.scalar(query)
+        if row is not None or loop.time() > end:
+            assert row is not None, f"no row for {query}"
+            return row
+        await asyncio.sleep(0.05)
 
 
 async def say(emu, user_id, text, count=1, timeout=10.0):
@@ -227,3 +241,20 @@ async def test_free_text_question_answered_with_source(live, seeded_maker):
     assert "Nguồn" in ans["text"]
     [unsure] = await say(emu, 5011, "giá bitcoin hôm nay bao nhiêu")
     assert "chưa" in unsure["text"]
+
+
+async def test_unit_by_old_name_resolves_to_new_unit(live, seeded_maker):
+    emu = live.emu
+    emu.add_user(5012, "Cũ")
+    await say(emu, 5012, "/start")
+    since = len(emu.sent(5012))
+    await emu.send_contact(5012, "0966555444")
+    await emu.wait_for_messages(5012, count=2, since=since)
+    await say(emu, 5012, "Trịnh Văn Cũ")
+    [pick] = await say(emu, 5012, "phuong ben nghe")
+    labels = [b["text"] for row in pick["reply_markup"]["inline_keyboard"] for b in row]
+    assert any("Bến Nghé" in x and "Sài Gòn" in x for x in labels), labels
+    [confirm] = await say(emu, 5012, "1")
+    assert "Phường Sài Gòn" in confirm["text"]
+    [pick2] = await say(emu, 5012, "2")  # "edit" → starts over at the name
+    assert "họ và tên" in pick2["text"]
