@@ -43,13 +43,12 @@ def _logging(settings: Settings, quiet: bool = False) -> None:
 
 async def init_database(settings: Settings, *, sample: bool = True, echo: bool = True) -> dict:
     """Create or upgrade the schema and load the national register, plan and sample data."""
-    from services.sample import load_sample_data
-
     from db.migrate import upgrade_async
     from db.session import make_engine, make_sessionmaker
     from knowledge.plan import load_plan
     from services.audit import Actor
     from services.register import load_national_register
+    from services.sample import load_sample_data
 
     await upgrade_async(settings.database_url)
     engine = make_engine(settings.database_url)
@@ -161,6 +160,8 @@ def _import(kind: str, file: Path, skip_invalid: bool, dry_run: bool) -> None:
         typer.secho(f"File not found: {file}", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
 
+    data = file.read_bytes()
+
     async def go() -> int:
         from db.migrate import upgrade_async
         from db.session import make_engine, make_sessionmaker
@@ -174,7 +175,7 @@ def _import(kind: str, file: Path, skip_invalid: bool, dry_run: bool) -> None:
         try:
             async with make_sessionmaker(engine)() as s:
                 try:
-                    report = await fn(s, file.read_bytes(), file.name, Actor.system("cli:import"),
+                    report = await fn(s, data, file.name, Actor.system("cli:import"),
                                       skip_invalid=skip_invalid, dry_run=dry_run)
                 except imports.ImportFileError as exc:
                     typer.secho(texts.t(f"import.file_err.{exc.code}", lang, **exc.detail),

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def commands(role: str | None, lang: str) -> list[BotCommand]:
-    return [BotCommand(command=c, description=t(f"cmd.{c}", lang)) for c in roles.commands_for(role)]
+    return [BotCommand(command=c, description=t(f"cmd.{c}", lang))
+            for c in roles.commands_for(role)]
 
 
 class CommandMenu:

@@ -84,7 +84,7 @@ class Settings(BaseSettings):
             parts = [p for p in re.split(r"[,\s;]+", v.strip()) if p]
             bad = [p for p in parts if not re.fullmatch(r"-?\d+", p)]
             if bad:
-                raise ValueError(f"expected numeric Telegram ids separated by commas, got {bad[0]!r}")
+                raise ValueError(f"expected numeric Telegram ids, comma separated; got {bad[0]!r}")
             return [int(p) for p in parts]
         return v
 

@@ -13,7 +13,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import FsmRecord, utcnow
 
-
 # The session of the update being handled: FSM changes then commit (or roll back) with the
 # handler's work, and on SQLite a second connection never waits for the first's write lock.
 current_session: ContextVar[AsyncSession | None] = ContextVar("current_session", default=None)

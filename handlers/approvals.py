@@ -65,12 +65,12 @@ async def notify_approvers(
 
     async def send() -> None:
         for chat_id, text, choices in cards:
+            # remembered first: the approver may type the answer as soon as the card shows
+            await remember(state_for(storage, bot, chat_id), choices)
             try:
                 await bot.send_message(chat_id, text, reply_markup=keyboard(choices, columns=2))
             except TelegramAPIError:
                 log.warning("approver chat %s unreachable for request %s", chat_id, req.id)
-                continue
-            await remember(state_for(storage, bot, chat_id), choices)
 
     post.add(send)
     return len(cards)

@@ -8,10 +8,10 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.fsm.context import FSMContext
 from aiogram.types import CallbackQuery, Message
 
+from handlers.ui import Choice, TypedChoice, ask, reply_target
 from knowledge.search import Entry, KnowledgeBase
 from knowledge.sources import cite
 from services.texts import t
-from handlers.ui import Choice, TypedChoice, ask, reply_target
 
 router = Router(name=__name__)
 MAX_QUESTION = 500

@@ -64,7 +64,8 @@ async def start(
         await state.clear()
     person_is_new = False
     if who.person is None:
-        person = await registration.bootstrap_admin(session, who.identity, settings.admin_ids, actor)
+        person = await registration.bootstrap_admin(session, who.identity, settings.admin_ids,
+                                                    actor)
         if person is not None:
             who, person_is_new = Who(who.identity, person, None), True
     if who.role is not None:

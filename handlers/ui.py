@@ -8,10 +8,12 @@ channel, which has no buttons, later needs no new flows).
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiogram import Bot
+from aiogram.exceptions import TelegramAPIError
 from aiogram.filters import Filter
 from aiogram.filters.callback_data import CallbackData
 from aiogram.fsm.context import FSMContext
@@ -36,7 +38,9 @@ class Choice:
     words: tuple[str, ...] = field(default_factory=tuple)
 
 
-def keyboard(choices: list[Choice], columns: int = 1, numbered: bool = True) -> InlineKeyboardMarkup:
+def keyboard(
+    choices: list[Choice], columns: int = 1, numbered: bool = True
+) -> InlineKeyboardMarkup:
     buttons = [
         InlineKeyboardButton(text=f"{i}. {c.label}" if numbered else c.label, callback_data=c.data)
         for i, c in enumerate(choices, 1)
@@ -53,7 +57,9 @@ async def remember(state: FSMContext, choices: list[Choice]) -> None:
     await state.update_data({CHOICES_KEY: remembered(choices)})
 
 
-def state_for(storage: BaseStorage, bot: Bot, chat_id: int, user_id: int | None = None) -> FSMContext:
+def state_for(
+    storage: BaseStorage, bot: Bot, chat_id: int, user_id: int | None = None
+) -> FSMContext:
     """The FSM context of another chat (e.g. an approver's), to remember choices sent there."""
     key = StorageKey(bot_id=bot.id, chat_id=chat_id, user_id=user_id or chat_id)
     return FSMContext(storage=storage, key=key)
@@ -115,10 +121,8 @@ async def reply_target(event: Message | CallbackQuery, *, drop_keyboard: bool = 
     if not isinstance(msg, Message):
         raise LookupError("callback without an accessible message")
     if drop_keyboard and msg.reply_markup is not None:
-        try:
+        with contextlib.suppress(TelegramAPIError):  # a concurrent press already did it
             await msg.edit_reply_markup(reply_markup=None)
-        except Exception:  # already edited by a concurrent press; nothing to undo
-            pass
     return msg
 
 

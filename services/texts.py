@@ -64,7 +64,8 @@ def _is_plain(key: str) -> bool:
     return key.startswith("btn.") or ".btn." in key
 
 
-_HTML = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+_HTML = Environment(autoescape=True, undefined=StrictUndefined, trim_blocks=True,
+                    lstrip_blocks=True)
 _PLAIN = Environment(autoescape=False, undefined=StrictUndefined, trim_blocks=True,
                      lstrip_blocks=True)
 for _env in (_HTML, _PLAIN):

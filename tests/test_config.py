@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from bot.config import ConfigError, load_settings
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 

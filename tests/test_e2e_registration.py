@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 
 from db.models import AuditLog, ChatIdentity, Person, RegistrationRequest, utcnow
 from services.folding import fold
-from tests.live import OPERATOR_ID, texts
+from tests.live import OPERATOR_ID
 
 BEN_THANH = "26743"
 SAI_GON = "26740"

@@ -22,7 +22,8 @@ async def _diff_and_tables(url: str) -> tuple[list, set[str]]:
             def inspect_sync(sync_conn):  # type: ignore[no-untyped-def]
                 ctx = MigrationContext.configure(sync_conn, opts={
                     "compare_type": True, "compare_server_default": True})
-                return compare_metadata(ctx, Base.metadata), set(inspect(sync_conn).get_table_names())
+                tables = set(inspect(sync_conn).get_table_names())
+                return compare_metadata(ctx, Base.metadata), tables
             return await conn.run_sync(inspect_sync)
     finally:
         await engine.dispose()

@@ -1,0 +1,51 @@
+"""Texts: both languages complete, HTML autoescaped, long answers split on line boundaries."""
+
+from __future__ import annotations
+
+from bot.emulator import parse_html
+from services import texts
+from services.phones import PhoneError, normalize_phone
+from services.texts import split_text, t
+
+import pytest
+
+
+def test_every_key_in_both_languages() -> None:
+    assert texts.keys("vi") == texts.keys("en")
+
+
+def test_messages_escape_html_but_buttons_stay_plain() -> None:
+    out = t("me.profile", "vi", name="<b>Lê & Sơn</b>", position=None, phone=None,
+            unit="Phường <i>", role="official")
+    assert "&lt;b&gt;Lê &amp; Sơn&lt;/b&gt;" in out and "Phường &lt;i&gt;" in out
+    parse_html(out)  # valid Telegram HTML
+    assert t("btn.import_apply", "vi", n="<3") == "Nhập <3 dòng"
+
+
+def test_split_on_line_boundaries() -> None:
+    lines = [f"• Dòng {i}: Mã đơn vị «99999» không có trong danh mục" for i in range(200)]
+    text = "\n".join(lines)
+    assert len(text) > 4096
+    parts = split_text(text)
+    assert len(parts) >= 2 and all(len(p) <= 4096 for p in parts)
+    assert "\n".join(parts) == text  # nothing lost, no line cut
+    long_line = "x " * 5000
+    parts = split_text(long_line, limit=1000)
+    assert all(len(p) <= 1000 for p in parts) and "".join(parts).replace(" ", "") == \
+        long_line.replace(" ", "")
+    assert split_text("") == []
+
+
+@pytest.mark.parametrize(("raw", "want"), [
+    ("+84 912.345.678", "+84912345678"), ("84912345678", "+84912345678"),
+    ("0912 345 678", "+84912345678"), ("0912-345-678", "+84912345678"),
+    ("912345678", "+84912345678"), ("028 3829 1234", "+842838291234"),
+])
+def test_phone_normalization(raw: str, want: str) -> None:
+    assert normalize_phone(raw) == want
+
+
+@pytest.mark.parametrize("raw", ["", "abc", "+1 202 555 0100", "0912", "091234567890123"])
+def test_bad_phones(raw: str) -> None:
+    with pytest.raises(PhoneError):
+        normalize_phone(raw)
