@@ -10,14 +10,16 @@ import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlparse
 
+import aiohttp
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
-from aiogram.exceptions import TelegramNetworkError, TelegramRetryAfter, TelegramServerError
+from aiogram.exceptions import TelegramRetryAfter, TelegramServerError
 from aiogram.methods import GetUpdates
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -113,41 +115,71 @@ async def _startup(app: App) -> None:
         log.warning("could not set the default command menu", exc_info=True)
 
 
+class RawPoller:
+    """getUpdates returning the JSON as sent, not aiogram objects: the inbox stores the raw
+    update and parses it once when handling it (parse → dump → parse costs CPU per update)."""
+
+    def __init__(self, bot: Bot) -> None:
+        session = bot.session
+        self.url = session.api.api_url(bot.token, "getUpdates")
+        self.http = aiohttp.ClientSession()
+
+    async def get(self, offset: int | None) -> list[dict[str, Any]]:
+        body = {"timeout": POLL_TIMEOUT, "allowed_updates": ALLOWED_UPDATES}
+        if offset is not None:
+            body["offset"] = offset
+        async with self.http.post(self.url, json=body,
+                                  timeout=aiohttp.ClientTimeout(total=POLL_TIMEOUT + 15)) as r:
+            data = await r.json(content_type=None)
+        if data.get("ok"):
+            return list(data["result"])
+        if r.status == 429:
+            raise TelegramRetryAfter(method=GetUpdates(), message=data.get("description", ""),
+                                     retry_after=int(data["parameters"]["retry_after"]))
+        raise TelegramServerError(method=GetUpdates(),
+                                  message=f"{r.status} {data.get('description', '')}")
+
+    async def close(self) -> None:
+        await self.http.close()
+
+
 async def run_polling(app: App, stop: asyncio.Event | None = None) -> None:
     """Long polling where the offset advances only after the batch is stored in the inbox."""
     stop = stop or asyncio.Event()
     await _startup(app)
     await app.bot.delete_webhook(drop_pending_updates=False)
     await app.inbox.resume()
+    poller = RawPoller(app.bot)
     offset: int | None = None
     backoff = 1.0
-    while not stop.is_set():
-        poll = asyncio.ensure_future(app.bot(GetUpdates(
-            offset=offset, timeout=POLL_TIMEOUT, allowed_updates=ALLOWED_UPDATES)))
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        if poll not in done:
-            poll.cancel()
-            with contextlib.suppress(BaseException):
-                await poll
-            break
-        try:
-            updates = poll.result()
-        except TelegramRetryAfter as exc:
-            await asyncio.sleep(exc.retry_after)
-            continue
-        except (TelegramNetworkError, TelegramServerError) as exc:
-            log.warning("getUpdates failed (%s); retrying in %.0fs", exc, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 30)
-            continue
-        backoff = 1.0
-        if not updates:
-            continue
-        payloads = [u.model_dump(mode="json", exclude_none=True) for u in updates]
-        await app.inbox.feed(payloads)  # stored before the next call confirms them
-        offset = updates[-1].update_id + 1
+    try:
+        while not stop.is_set():
+            poll = asyncio.ensure_future(poller.get(offset))
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait({poll, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            if poll not in done:
+                poll.cancel()
+                with contextlib.suppress(BaseException):
+                    await poll
+                break
+            try:
+                updates = poll.result()
+            except TelegramRetryAfter as exc:
+                await asyncio.sleep(exc.retry_after)
+                continue
+            except (TimeoutError, TelegramServerError, aiohttp.ClientError, ValueError) as exc:
+                log.warning("getUpdates failed (%s); retrying in %.0fs", exc, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 30)
+                continue
+            backoff = 1.0
+            if not updates:
+                continue
+            await app.inbox.feed(updates)  # stored before the next call confirms them
+            offset = updates[-1]["update_id"] + 1
+    finally:
+        await poller.close()
 
 
 def webhook_app(app: App, path: str = "/webhook") -> web.Application:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bot.emulator import parse_html
 from services import texts
 from services.phones import PhoneError, normalize_phone
 from services.texts import split_text, t
-
-import pytest
 
 
 def test_every_key_in_both_languages() -> None:

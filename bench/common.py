@@ -1,0 +1,78 @@
+"""Shared benchmark plumbing: an in-process emulator driving a bot in a child process."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import asyncpg
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "1234567890:BENCH-hopnhat-token-abcdefghijklmnopqrstu"
+PG_ADMIN = os.environ.get("HOPNHAT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
+sys.path.insert(0, str(ROOT))
+
+
+async def new_pg_database() -> tuple[str, str]:
+    name = f"hopnhat_bench_{uuid.uuid4().hex[:8]}"
+    conn = await asyncpg.connect(PG_ADMIN)
+    await conn.execute(f'CREATE DATABASE "{name}"')
+    await conn.close()
+    base = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+asyncpg://", 1)
+    return f"{base}/{name}", name
+
+
+async def drop_pg_database(name: str) -> None:
+    conn = await asyncpg.connect(PG_ADMIN)
+    await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    await conn.close()
+
+
+def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
+                            stdout=log.open("wb"), stderr=subprocess.STDOUT)
+
+
+async def drive(emu, users: list[int], per_user: int, text: str, timeout: float = 300.0
+                ) -> dict[str, float]:
+    """Send ``per_user`` messages from each user at once; time until every reply arrived.
+
+    Latency per message = reply time − send time (matched in order per chat)."""
+    sent_at: dict[int, list[float]] = {u: [] for u in users}
+    before = {u: len(emu.sent(u)) for u in users}
+    start = time.perf_counter()
+    for _ in range(per_user):
+        for u in users:
+            sent_at[u].append(time.time())
+            await emu.send_text(u, text)
+    total = len(users) * per_user
+    deadline = time.perf_counter() + timeout
+    latencies: list[float] = []
+    done_users: set[int] = set()
+    while len(done_users) < len(users):
+        if time.perf_counter() > deadline:
+            got = sum(len(emu.sent(u)) - before[u] for u in users)
+            raise TimeoutError(f"only {got}/{total} replies")
+        for u in users:
+            if u in done_users:
+                continue
+            if len(emu.sent(u)) - before[u] >= per_user:
+                done_users.add(u)
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    for u in users:
+        msgs = emu.sent(u)[before[u]:before[u] + per_user]
+        for t_sent, m in zip(sent_at[u], msgs, strict=False):
+            latencies.append(max(0.0, m["time"] - t_sent))
+    lat = sorted(latencies)
+    out = {"updates": float(total), "seconds": elapsed, "per_sec": total / elapsed}
+    if lat:
+        out["p50_ms"] = 1000 * statistics.median(lat)
+        out["p99_ms"] = 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+    return out
