@@ -41,7 +41,9 @@ def _logging(settings: Settings, quiet: bool = False) -> None:
     logging.getLogger("aiogram.event").setLevel(logging.WARNING)
 
 
-async def init_database(settings: Settings, *, sample: bool = True, echo: bool = True) -> dict:
+async def init_database(
+    settings: Settings, *, sample: bool = True, echo: bool = True, link_sample: bool = False
+) -> dict:
     """Create or upgrade the schema and load the national register, plan and sample data."""
     from db.migrate import upgrade_async
     from db.session import make_engine, make_sessionmaker
@@ -59,7 +61,7 @@ async def init_database(settings: Settings, *, sample: bool = True, echo: bool =
             out["register"] = await load_national_register(s, actor)
             out["plan"] = await load_plan(s, actor)
             if sample:
-                out["sample"] = await load_sample_data(s, actor)
+                out["sample"] = await load_sample_data(s, actor, link_telegram=link_sample)
             await s.commit()
     finally:
         await engine.dispose()

@@ -68,7 +68,8 @@ async def ensure_database(settings: Settings) -> None:
         print("Khởi tạo cơ sở dữ liệu (danh mục đơn vị hành chính, kế hoạch, dữ liệu mẫu)…")
         from bot.cli import init_database
 
-        await init_database(settings, sample=True, echo=False)
+        # the console logs in as the sample staff, so they start verified and linked
+        await init_database(settings, sample=True, echo=False, link_sample=True)
 
 
 class Console:
@@ -96,8 +97,9 @@ class Console:
         markup = msg.get("reply_markup") or {}
         if markup.get("inline_keyboard"):
             buttons = [b for row in markup["inline_keyboard"] for b in row]
-            self.say("   " + "  ".join(f"[{i}] {b['text']}" for i, b in enumerate(buttons, 1))
-                     + "   (:b N)")
+            labels = [b["text"] if b["text"].startswith(f"{i}.") else f"{i}. {b['text']}"
+                      for i, b in enumerate(buttons, 1)]
+            self.say("   " + "\n   ".join(f"[{x}]" for x in labels) + "   (:b N)")
             self.last_keyboard[msg["chat"]["id"]] = msg
         elif markup.get("keyboard"):
             labels = [b["text"] if isinstance(b, dict) else b
@@ -110,7 +112,7 @@ class Console:
         chat = self.user.telegram_id
         for msg in self.emu.sent(chat):
             key = (chat, msg["message_id"])
-            text = (msg.get("text") or msg.get("caption") or "") + str(msg.get("reply_markup"))
+            text = msg.get("text") or msg.get("caption") or ""  # a dropped keyboard is no news
             if msg.get("deleted"):
                 continue
             if key not in self.shown_text:

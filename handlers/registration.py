@@ -151,7 +151,9 @@ def unit_choices(items: list[UnitItem]) -> list[Choice]:
     seen: set[str] = set()
     out = []
     for u in items:
-        target = u.code if u.active or not u.merged_into else u.merged_into
+        if not u.active and not u.merged_into:
+            continue  # a former district with no single successor cannot be chosen
+        target = u.code if u.active else u.merged_into
         if target in seen:
             continue
         seen.add(target)

@@ -11,12 +11,14 @@ async def test_console_session(tmp_path, capsys) -> None:
     settings = load_settings(bot_token=CONSOLE_TOKEN,
                              database_url=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
     await run_console(settings, lines=[
-        "/start", ":u 2", "/start", ":c", "/me", ":lạ", "khi nao email cu bi dong?", ":q",
+        "/start", ":c 0987 654 321", "Nguyễn Thị Mai", "phuong ben thanh", ":b 1", "1",
+        ":u 4", ":b 1", ":u 1", "/me", ":u 2", "/start", "khi nao email cu bi dong?", ":q",
     ])
     out = capsys.readouterr().out
     assert "mẫu" in out  # sample users are labelled as such
-    assert "Xin chào" in out
-    assert "Chia sẻ số điện thoại" in out
-    assert "Xác minh thành công" in out
-    assert "Nguyễn Văn An (mẫu)" in out
+    assert "Xin chào" in out and "Chia sẻ số điện thoại" in out
+    assert "Đã gửi yêu cầu xác minh số 1" in out
+    assert "Yêu cầu xác minh số 1" in out and "Đã duyệt bởi Lê Hoàng Cường (mẫu)" in out
+    assert "đã được duyệt" in out and "Nguyễn Thị Mai" in out
+    assert "Chào Nguyễn Văn An (mẫu)" in out
     assert "Tạm biệt" in out
