@@ -18,6 +18,8 @@ TOKEN = "1234567890:BENCH-hopnhat-token-abcdefghijklmnopqrstu"
 PG_ADMIN = os.environ.get("HOPNHAT_TEST_PG_DSN", "postgresql://postgres@127.0.0.1:5432/postgres")
 sys.path.insert(0, str(ROOT))
 
+from bot.emulator import Emulator  # noqa: E402
+
 
 async def new_pg_database() -> tuple[str, str]:
     name = f"hopnhat_bench_{uuid.uuid4().hex[:8]}"
@@ -76,3 +78,43 @@ async def drive(emu, users: list[int], per_user: int, text: str, timeout: float 
         out["p50_ms"] = 1000 * statistics.median(lat)
         out["p99_ms"] = 1000 * lat[min(len(lat) - 1, int(0.99 * len(lat)))]
     return out
+
+
+async def measure(args: list[str], env: dict[str, str], users: list[int], per_user: int,
+                  texts: list[str], log: Path) -> dict[str, dict[str, float]]:
+    """Start the bot in a child process against a fresh emulator; for each text, every user
+    sends it ``per_user`` times at once; returns the measurements per text."""
+    emu = Emulator()
+    url = await emu.start()
+    for u in users:
+        emu.add_user(u, f"U{u}")
+    proc = spawn(args, {"HOPNHAT_BOT_TOKEN": TOKEN, "HOPNHAT_TELEGRAM_API_URL": url,
+                        "HOPNHAT_LOG_LEVEL": "WARNING", **env}, log)
+    out: dict[str, dict[str, float]] = {}
+    try:
+        await emu.wait_for_call("getMe", timeout=60)
+        await asyncio.sleep(1.0)
+        for text in texts:
+            await drive(emu, users[:5], 1, text)  # warm-up
+            cpu0 = cpu_seconds(proc.pid)
+            r = await drive(emu, users, per_user, text)
+            r["cpu_ms_per_update"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / r["updates"]
+            out[text] = r
+        return out
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        await emu.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU of a process (Linux /proc), to tell CPU-bound from waiting."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def show(name: str, r: dict[str, float]) -> None:
+    print(f"  {name:<22} {r['per_sec']:8.1f} updates/s   p50 {r.get('p50_ms', 0):7.1f} ms"
+          f"   p99 {r.get('p99_ms', 0):7.1f} ms   bot CPU {r['cpu_ms_per_update']:.2f} ms/update")
+
+

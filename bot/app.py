@@ -52,7 +52,16 @@ def create_bot(settings: Settings) -> Bot:
 def create_dispatcher(
     settings: Settings, maker: async_sessionmaker[AsyncSession], menu: CommandMenu
 ) -> Dispatcher:
-    from handlers import approvals, errors, fallback, imports, knowledge, registration, start
+    from handlers import (
+        approvals,
+        errors,
+        fallback,
+        imports,
+        knowledge,
+        registration,
+        start,
+        status,
+    )
     from knowledge.search import KnowledgeBase
 
     dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu,
@@ -71,6 +80,7 @@ def create_dispatcher(
         approvals.router,
         imports.router,
         registration.router,
+        status.router,
         knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )

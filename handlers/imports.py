@@ -13,8 +13,9 @@ from aiogram.types import CallbackQuery, Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from handlers.ui import Choice, TypedChoice, answer_long, ask, reply_target
-from services import imports
+from services import imports, reports
 from services.audit import Actor
+from services.people import Who
 from services.texts import t
 
 router = Router(name=__name__)
@@ -30,7 +31,7 @@ class Imp(StatesGroup):
 
 
 class KindCb(CallbackData, prefix="ik"):
-    kind: str  # staff | units
+    kind: str  # staff | units | status
 
 
 class ApplyCb(CallbackData, prefix="ia"):
@@ -50,11 +51,60 @@ def render_report(report: imports.ImportReport, lang: str) -> str:
 
 async def _run(bot: Bot, session: AsyncSession, data: dict[str, Any], actor: Actor, *,
                dry_run: bool, skip_invalid: bool) -> imports.ImportReport:
+    content = await _download(bot, data)
+    fn = imports.import_staff if data["kind"] == "staff" else imports.import_units
+    return await fn(session, content, data["file_name"], actor, dry_run=dry_run,
+                    skip_invalid=skip_invalid)
+
+
+async def _download(bot: Bot, data: dict[str, Any]) -> bytes:
     buf = await bot.download(data["file_id"])
     assert buf is not None
-    fn = imports.import_staff if data["kind"] == "staff" else imports.import_units
-    return await fn(session, buf.read(), data["file_name"], actor, dry_run=dry_run,
-                    skip_invalid=skip_invalid)
+    return buf.read()
+
+
+def render_status_report(report: reports.BulkStatusReport, lang: str) -> str:
+    errors = [reports.error_text(e, lang) for e in report.errors[:REPORT_ROWS]]
+    diff = [t("import.status_diff", lang, d=d, old=t(f"stage.{d.old_stage.value}", lang),
+              new=t(f"stage.{d.new_stage.value}", lang)) for d in report.diff[:REPORT_ROWS]]
+    return t("import.status_report", lang, r=report, errors=errors, diff=diff,
+             more=max(0, len(report.diff) + len(report.errors) - 2 * REPORT_ROWS))
+
+
+async def _status_import(
+    target: Message, state: FSMContext, session: AsyncSession, bot: Bot, lang: str,
+    actor: Actor, who: Who, *, dry_run: bool,
+) -> None:
+    """Bulk status update: the dry run shows the diff, applying needs a confirmation."""
+    data = await state.get_data()
+    if who.person is None:
+        await state.clear()
+        await target.answer(t("common.not_verified", lang))
+        return
+    try:
+        report = await reports.import_status_xlsx(session, await _download(bot, data),
+                                                  data["file_name"], actor, who.person,
+                                                  dry_run=dry_run)
+    except reports.StatusImportError as exc:
+        await state.clear()
+        await target.answer(exc.text(lang))
+        return
+    if not dry_run:
+        await state.clear()
+        await target.answer(t("import.status_applied", lang, r=report))
+        return
+    await answer_long(target, render_status_report(report, lang))
+    if report.errors or not report.diff:
+        await state.clear()
+        await target.answer(t("import.status_nothing", lang, errors=len(report.errors)))
+        return
+    await state.set_state(Imp.confirm)
+    choices = [
+        Choice(t("btn.import_apply", lang, n=len(report.diff)), ApplyCb(action="apply").pack(),
+               ("nhap", "apply", "dong y")),
+        Choice(t("btn.cancel", lang), ApplyCb(action="cancel").pack(), ("huy", "cancel")),
+    ]
+    await ask(target, state, t("import.confirm", lang, n=len(report.diff), bad=0), choices)
 
 
 @router.message(Command("import"), flags={"perm": "import"})
@@ -80,6 +130,8 @@ async def on_file(message: Message, state: FSMContext, lang: str) -> None:
     choices = [
         Choice(t("btn.import_staff", lang), KindCb(kind="staff").pack(), ("can bo", "staff")),
         Choice(t("btn.import_units", lang), KindCb(kind="units").pack(), ("don vi", "units")),
+        Choice(t("btn.import_status", lang), KindCb(kind="status").pack(),
+               ("trang thai", "status")),
     ]
     await ask(message, state, t("import.choose_kind", lang, name=name), choices)
 
@@ -88,10 +140,13 @@ async def on_file(message: Message, state: FSMContext, lang: str) -> None:
 @router.callback_query(Imp.kind, KindCb.filter(), flags={"perm": "import"})
 async def on_kind(
     event: Message | CallbackQuery, callback_data: KindCb, state: FSMContext,
-    session: AsyncSession, bot: Bot, lang: str, actor: Actor,
+    session: AsyncSession, bot: Bot, lang: str, actor: Actor, who: Who,
 ) -> None:
     target = await reply_target(event)
     await state.update_data(kind=callback_data.kind)
+    if callback_data.kind == "status":
+        await _status_import(target, state, session, bot, lang, actor, who, dry_run=True)
+        return
     data = await state.get_data()
     try:
         report = await _run(bot, session, data, actor, dry_run=True, skip_invalid=False)
@@ -120,13 +175,17 @@ async def on_kind(
 @router.callback_query(Imp.confirm, ApplyCb.filter(), flags={"perm": "import"})
 async def on_apply(
     event: Message | CallbackQuery, callback_data: ApplyCb, state: FSMContext,
-    session: AsyncSession, bot: Bot, lang: str, actor: Actor,
+    session: AsyncSession, bot: Bot, lang: str, actor: Actor, who: Who,
 ) -> None:
     target = await reply_target(event)
     data = await state.get_data()
     await state.clear()
     if callback_data.action != "apply" or "file_id" not in data:
         await target.answer(t("common.cancelled", lang))
+        return
+    if data.get("kind") == "status":
+        await state.set_data(data)
+        await _status_import(target, state, session, bot, lang, actor, who, dry_run=False)
         return
     try:
         report = await _run(bot, session, data, actor, dry_run=False,

@@ -29,7 +29,13 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("register", None),
         Permission("me", VERIFIED, "me"),
         Permission("ask", None),
+        Permission("status", VERIFIED, "status"),
+        Permission("unit", VERIFIED, "unit"),
+        Permission("status_update", APPROVERS),
         Permission("approve_registration", APPROVERS, "pending"),
+        Permission("overview", OPERATORS, "overview"),
+        Permission("report", OPERATORS, "report"),
+        Permission("chart", OPERATORS, "chart"),
         Permission("import", OPERATORS, "import"),
     )
 }
