@@ -1,7 +1,10 @@
 """Finding administrative units the way officials type them, and old addresses → new units.
 
-Search runs on ``units.name_folded`` with LIKE only, so it behaves the same on SQLite and
-PostgreSQL: "ben thanh", "P. Bến Thành" and "phuong ben  THANH" all find Phường Bến Thành.
+Search runs on an in-memory index of the register (``services.unit_index``) so it behaves the
+same on SQLite and PostgreSQL and answers in well under a millisecond: accent- and
+typo-tolerant ("ben thnah", "bn thanh"), kind words and abbreviations optional ("p. ben
+thanh", "x.tan phu", "q1"), province hints narrowing ("ben thanh hcm", "tan phu dong nai"),
+and old (pre-2025) names found together with the unit they became.
 """
 
 from __future__ import annotations
@@ -11,26 +14,41 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, case, func, or_, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.orm import aliased
 
-from db.models import Province, Unit
-from services.folding import fold
+from db.models import Unit
+from services.unit_index import Hit, get_index
+from services.unit_index import invalidate as invalidate_unit_index
 
 log = logging.getLogger(__name__)
 
 MAX_LIMIT = 100
 MAX_ADDRESS_CHARS = 500
-MAX_QUERY_CHARS = 200  # a unit name is shorter; bounds the SQL built from the query
-MAX_TOKENS = 8
-# Leading words naming the kind of unit; users may or may not type them.
-_KIND_WORDS = {("phuong",), ("p",), ("xa",), ("x",), ("dac", "khu"), ("dk",)}
-_KIND_PREFIXES = ("phuong", "xa", "dac khu")
+MAX_SUGGESTIONS = 20
+
+__all__ = [
+    "OldAddressResolution",
+    "UnitItem",
+    "UnitSearchResult",
+    "get_unit",
+    "invalidate_unit_index",
+    "resolve_old_address",
+    "search_units",
+    "suggest_units",
+    "warm_up",
+    "warm_up_search",
+]
 
 
 @dataclass(frozen=True)
 class UnitItem:
+    """A unit as lists show it.
+
+    ``via_old_name`` is set when the unit was found through the old name of a defunct unit
+    merged into it ("Phường Bến Nghé, Quận 1" → Phường Sài Gòn), so the UI can say so.
+    Defaulted, so positional constructors written before it keep working.
+    """
+
     code: str
     name: str
     kind: str
@@ -39,12 +57,19 @@ class UnitItem:
     active: bool
     merged_into: str | None
     merged_into_name: str | None
+    via_old_name: str | None = None
 
 
 @dataclass(frozen=True)
 class UnitSearchResult:
+    """One page of matches; ``total`` counts all of them.
+
+    ``fuzzy``: nothing matched without typos, so these are typo matches ("did you mean").
+    """
+
     items: list[UnitItem]
     total: int
+    fuzzy: bool = False
 
 
 @dataclass(frozen=True)
@@ -75,40 +100,19 @@ class OldAddressResolution:
         return self.new_ward_name
 
 
-def _query_tokens(query: str) -> tuple[str, list[str]]:
-    """Folded query and its tokens without leading kind words ("p. ben thanh" → ben, thanh)."""
-    folded = fold(query[:MAX_QUERY_CHARS])
-    tokens = folded.split()[: MAX_TOKENS + 2]
-    changed = True
-    while changed and tokens:
-        changed = False
-        for words in _KIND_WORDS:
-            n = len(words)
-            if tuple(tokens[:n]) == words and len(tokens) > n:
-                tokens = tokens[n:]
-                changed = True
-                break
-    return folded, tokens[:MAX_TOKENS]
-
-
-def _like_escape(token: str) -> str:
-    return token.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-def _token_filter(tokens: list[str], *, word_prefix: bool) -> ColumnElement[bool]:
-    conds: list[ColumnElement[bool]] = []
-    for tok in tokens:
-        t = _like_escape(tok)
-        if word_prefix:
-            conds.append(
-                or_(
-                    Unit.name_folded.like(f"{t}%", escape="\\"),
-                    Unit.name_folded.like(f"% {t}%", escape="\\"),
-                )
-            )
-        else:
-            conds.append(Unit.name_folded.like(f"%{t}%", escape="\\"))
-    return and_(true(), *conds)
+def _item(hit: Hit) -> UnitItem:
+    doc = hit.doc
+    return UnitItem(
+        code=doc.code,
+        name=doc.name,
+        kind=doc.kind,
+        province_code=doc.province_code,
+        province_name=doc.province_name,
+        active=doc.active,
+        merged_into=doc.merged_into,
+        merged_into_name=doc.merged_into_name,
+        via_old_name=hit.via.name if hit.via is not None else None,
+    )
 
 
 async def search_units(
@@ -120,77 +124,49 @@ async def search_units(
     limit: int = 10,
     offset: int = 0,
 ) -> UnitSearchResult:
-    """Units whose folded name contains every query token, best matches first.
+    """Units the query names, best first; ``total`` counts all, ``offset`` pages stably.
 
-    Tokens match at word starts first ("an" finds "An Phú", not "Thành"); only when that finds
-    nothing are they matched anywhere in the name. A query equal to a unit code finds it too.
-    Ranking: exact name (with or without the kind word), exact code, active before defunct,
-    shorter names, then alphabetical.
+    Every content word of the query must match a word of the unit's own name (exactly or as
+    a prefix; with a typo only when nothing matches otherwise); kind words ("phường", "xã",
+    "p.") are optional; province and old-district names narrow. A unit code finds its unit.
+
+    Ranking: the unit's code; the exact name (a typed kind word agreeing first); fewer typos;
+    active units, then active units found by an old name, then defunct ones; fewer unmatched
+    words in the name; fewer prefix completions; shorter names; alphabetical; code.
+
+    ``include_defunct=False``: defunct units are never listed, but when an old name matches
+    better than any current one (e.g. "Bến Nghé"), the unit it became is, with
+    ``via_old_name``. ``include_defunct=True``: defunct units are listed themselves, with
+    ``merged_into``/``merged_into_name``.
     """
     limit = max(1, min(int(limit), MAX_LIMIT))
     offset = max(0, int(offset))
-    folded, tokens = _query_tokens(query or "")
-    core = " ".join(tokens)
-    code_text = (query or "").strip()[:32]
-
-    if not tokens and not province_code:
-        return UnitSearchResult(items=[], total=0)  # "", "%", "***": nothing to look for
-
-    base: list[ColumnElement[bool]] = []
-    if province_code:
-        base.append(Unit.province_code == province_code)
-    if not include_defunct:
-        base.append(Unit.active.is_(True))
-
-    exact_names = {folded, core, *(f"{p} {core}" for p in _KIND_PREFIXES)} - {""}
-    rank = case(
-        (Unit.name_folded.in_(sorted(exact_names)), 0),
-        (Unit.code == code_text, 0),
-        else_=1,
+    index = await get_index(session)
+    found = index.search(
+        query if isinstance(query, str) else "",
+        province_code=province_code,
+        include_defunct=include_defunct,
     )
+    items = [_item(hit) for hit in found.page(offset, limit)]
+    return UnitSearchResult(items=items, total=found.total, fuzzy=found.fuzzy)
 
-    total = 0
-    match: ColumnElement[bool] = true()
-    for word_prefix in (True, False):
-        match = _token_filter(tokens, word_prefix=word_prefix)
-        if code_text:
-            match = or_(match, Unit.code == code_text)
-        total = (
-            await session.execute(select(func.count()).select_from(Unit).where(match, *base))
-        ).scalar_one()
-        if total or not tokens:
-            break
 
-    target = aliased(Unit)
-    stmt = (
-        select(Unit, Province.name, target.name)
-        .outerjoin(Province, Province.code == Unit.province_code)
-        .outerjoin(target, target.code == Unit.merged_into)
-        .where(match, *base)
-        .order_by(
-            rank,
-            Unit.active.desc(),
-            func.length(Unit.name_folded),
-            Unit.name_folded,
-            Unit.code,
-        )
-        .limit(limit)
-        .offset(offset)
-    )
-    items = [
-        UnitItem(
-            code=u.code,
-            name=u.name,
-            kind=u.kind,
-            province_code=u.province_code,
-            province_name=pname,
-            active=u.active,
-            merged_into=u.merged_into,
-            merged_into_name=tname,
-        )
-        for u, pname, tname in (await session.execute(stmt)).all()
-    ]
-    return UnitSearchResult(items=items, total=total)
+async def suggest_units(session: AsyncSession, query: str, limit: int = 5) -> list[UnitItem]:
+    """"Did you mean …?" candidates, for when ``search_units`` finds nothing good.
+
+    Looser than search: up to half the words may be wrong or missing, and words may have
+    more typos. Only current units are returned; one found by an old name carries
+    ``via_old_name``.
+    """
+    limit = max(1, min(int(limit), MAX_SUGGESTIONS))
+    index = await get_index(session)
+    text = query if isinstance(query, str) else ""
+    return [_item(hit) for hit in index.suggest(text, limit=limit)]
+
+
+async def warm_up_search(session: AsyncSession) -> None:
+    """Build the search index now (~0.5 s for the full register) instead of on a user query."""
+    await get_index(session)
 
 
 async def get_unit(session: AsyncSession, code: str) -> Unit | None:

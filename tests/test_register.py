@@ -223,8 +223,9 @@ async def test_search_options(reg: AsyncSession) -> None:
     assert (await search_units(reg, "đặc khu côn đảo")).items[0].code == "26732"
     assert (await search_units(reg, "dac khu con dao")).items[0].name == "Đặc khu Côn Đảo"
 
-    # defunct units only on request, with the unit they became
-    assert (await search_units(reg, "ben nghe")).total == 0
+    # defunct units only on request; otherwise the unit they became, saying how it was found
+    successor = (await search_units(reg, "ben nghe")).items[0]
+    assert (successor.code, successor.via_old_name) == ("26740", "Phường Bến Nghé, Quận 1")
     old = await search_units(reg, "ben nghe quan 1", include_defunct=True)
     assert old.items[0].code == "old-w-26740" and old.items[0].active is False
     assert (old.items[0].merged_into, old.items[0].merged_into_name) == ("26740", "Phường Sài Gòn")
