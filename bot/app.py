@@ -62,10 +62,10 @@ def create_dispatcher(
         start,
         status,
     )
-    from knowledge.search import KnowledgeBase
+    from knowledge.store import load_knowledge
 
     dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu,
-                    kb=KnowledgeBase.load())
+                    kb=load_knowledge(settings.data_dir))
     # The DB session opens before aiogram's FSM middleware reads the state, so the state is
     # read and written in the update's one transaction (one connection per update).
     dp.update.outer_middleware.unregister(dp.fsm)
@@ -123,6 +123,10 @@ async def _startup(app: App) -> None:
         await app.menu.set_default()
     except Exception:
         log.warning("could not set the default command menu", exc_info=True)
+    from services.units import warm_up_search
+
+    async with app.maker() as s:  # build the unit index now, not on the first user's query
+        await warm_up_search(s)
 
 
 class RawPoller:

@@ -21,8 +21,14 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
 import_app = typer.Typer(help="Import unit and staff lists from CSV/XLSX.", no_args_is_help=True)
+plan_app = typer.Typer(help="Export or re-import the plan (systems, milestones) as XLSX.",
+                       no_args_is_help=True)
+faq_app = typer.Typer(help="Add or edit knowledge-base entries from a file.",
+                      no_args_is_help=True)
 app.add_typer(config_app, name="config")
 app.add_typer(import_app, name="import")
+app.add_typer(plan_app, name="plan")
+app.add_typer(faq_app, name="faq")
 
 CONSOLE_TOKEN = "1000000001:CONSOLE-offline-emulator-token-000000"
 
@@ -213,6 +219,80 @@ def import_units(file: Path, skip_invalid: SkipOpt = False, dry_run: DryOpt = Fa
 def import_staff(file: Path, skip_invalid: SkipOpt = False, dry_run: DryOpt = False) -> None:
     """Import staff (full_name, phone, unit_code, position, email, role)."""
     _import("staff", file, skip_invalid, dry_run)
+
+
+async def _with_session(settings: Settings, work):  # type: ignore[no-untyped-def]
+    from db.migrate import upgrade_async
+    from db.session import make_engine, make_sessionmaker
+
+    await upgrade_async(settings.database_url)
+    engine = make_engine(settings.database_url)
+    try:
+        async with make_sessionmaker(engine)() as s:
+            return await work(s)
+    finally:
+        await engine.dispose()
+
+
+@plan_app.command("export")
+def plan_export(file: Path) -> None:
+    """Write the plan as it is in the database to FILE (.xlsx) for editing."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    from knowledge.plan import export_plan_xlsx, plan_from_db
+
+    async def work(s):  # type: ignore[no-untyped-def]
+        return export_plan_xlsx(await plan_from_db(s))
+
+    file.write_bytes(asyncio.run(_with_session(settings, work)))
+    typer.echo(f"Plan written to {file}")
+
+
+@plan_app.command("import")
+def plan_import(file: Path, dry_run: DryOpt = False) -> None:
+    """Load an edited plan workbook: dates, systems, milestones (every bad row reported)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    from knowledge.plan import PlanError, import_plan_xlsx, load_plan
+    from services.audit import Actor
+
+    if not file.is_file():
+        typer.secho(f"File not found: {file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        plan = import_plan_xlsx(file.read_bytes())
+    except PlanError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+
+    async def work(s):  # type: ignore[no-untyped-def]
+        result = await load_plan(s, Actor.system("cli:plan"), plan)
+        if not dry_run:
+            await s.commit()
+        return result
+
+    typer.echo(asyncio.run(_with_session(settings, work)))
+    typer.echo("Dry run: nothing changed." if dry_run else "Plan applied.")
+
+
+@faq_app.command("import")
+def faq_import(file: Path) -> None:
+    """Validate FILE (TOML/CSV/XLSX) and keep it: the bot applies it at its next start
+    (operators can also send it in chat with /import to apply it live)."""
+    settings = _settings()
+    from knowledge.search import KnowledgeError
+    from knowledge.store import add_faq_file, load_knowledge
+
+    if not file.is_file():
+        typer.secho(f"File not found: {file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    try:
+        result = add_faq_file(load_knowledge(settings.data_dir), settings.data_dir,
+                              file.read_bytes(), file.name)
+    except KnowledgeError as exc:
+        typer.secho(str(exc), fg=typer.colors.RED, err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"added {len(result['added'])}, edited {len(result['updated'])}")
 
 
 @config_app.command("show")

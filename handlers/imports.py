@@ -12,9 +12,12 @@ from aiogram.fsm.state import State, StatesGroup
 from aiogram.types import CallbackQuery, Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from bot.config import Settings
 from handlers.ui import Choice, TypedChoice, answer_long, ask, reply_target
+from knowledge.search import KnowledgeBase, KnowledgeError
+from knowledge.store import add_faq_file
 from services import imports, reports
-from services.audit import Actor
+from services.audit import Actor, audit
 from services.people import Who
 from services.texts import t
 
@@ -61,6 +64,25 @@ async def _download(bot: Bot, data: dict[str, Any]) -> bytes:
     buf = await bot.download(data["file_id"])
     assert buf is not None
     return buf.read()
+
+
+async def _faq_import(
+    target: Message, state: FSMContext, session: AsyncSession, bot: Bot, lang: str,
+    actor: Actor, kb: KnowledgeBase, settings: Settings,
+) -> None:
+    """FAQ entries added or edited live (and kept for restarts); a bad file changes nothing."""
+    data = await state.get_data()
+    await state.clear()
+    try:
+        result = add_faq_file(kb, settings.data_dir, await _download(bot, data),
+                              data["file_name"])
+    except KnowledgeError as exc:
+        await answer_long(target, t("import.faq_errors", lang, problems=exc.problems[:200]))
+        return
+    await audit(session, actor, "knowledge.import", "faq_file", data["file_name"],
+                after=result)
+    await target.answer(t("import.faq_done", lang, added=len(result["added"]),
+                          updated=len(result["updated"])))
 
 
 def render_status_report(report: reports.BulkStatusReport, lang: str) -> str:
@@ -119,7 +141,7 @@ async def on_file(message: Message, state: FSMContext, lang: str) -> None:
     doc = message.document
     assert doc is not None
     name = doc.file_name or "file"
-    if not name.lower().endswith((".csv", ".xlsx", ".txt")):
+    if not name.lower().endswith((".csv", ".xlsx", ".txt", ".toml")):
         await message.answer(t("import.bad_type", lang, name=name))
         return
     if doc.file_size is not None and doc.file_size > MAX_BYTES:
@@ -132,6 +154,7 @@ async def on_file(message: Message, state: FSMContext, lang: str) -> None:
         Choice(t("btn.import_units", lang), KindCb(kind="units").pack(), ("don vi", "units")),
         Choice(t("btn.import_status", lang), KindCb(kind="status").pack(),
                ("trang thai", "status")),
+        Choice(t("btn.import_faq", lang), KindCb(kind="faq").pack(), ("hoi dap", "faq")),
     ]
     await ask(message, state, t("import.choose_kind", lang, name=name), choices)
 
@@ -140,12 +163,16 @@ async def on_file(message: Message, state: FSMContext, lang: str) -> None:
 @router.callback_query(Imp.kind, KindCb.filter(), flags={"perm": "import"})
 async def on_kind(
     event: Message | CallbackQuery, callback_data: KindCb, state: FSMContext,
-    session: AsyncSession, bot: Bot, lang: str, actor: Actor, who: Who,
+    session: AsyncSession, bot: Bot, lang: str, actor: Actor, who: Who, kb: KnowledgeBase,
+    settings: Settings,
 ) -> None:
     target = await reply_target(event)
     await state.update_data(kind=callback_data.kind)
     if callback_data.kind == "status":
         await _status_import(target, state, session, bot, lang, actor, who, dry_run=True)
+        return
+    if callback_data.kind == "faq":
+        await _faq_import(target, state, session, bot, lang, actor, kb, settings)
         return
     data = await state.get_data()
     try:

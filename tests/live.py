@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ OPERATOR_ID = 700001
 
 
 def settings_for(emu_url: str, db_url: str, **extra: Any) -> Settings:
+    extra.setdefault("data_dir", Path(tempfile.mkdtemp(prefix="hopnhat-data-")))
     return load_settings(bot_token=TOKEN, telegram_api_url=emu_url, database_url=db_url,
                          admin_ids=[OPERATOR_ID], **extra)
 

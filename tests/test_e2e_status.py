@@ -198,3 +198,30 @@ async def test_unit_command_shortcuts(live, seeded_maker):
     assert "Phường Bến Thành" in view["text"]
     [helptext] = await say(emu, 8006, "/help")
     assert "/unit" in helptext["text"] and "/status" in helptext["text"]
+
+
+async def test_search_typo_and_faq_import_live(live, seeded_maker):
+    emu = live.emu
+    await add_person(seeded_maker, "Vận Hành", "+84900000505", BEN_THANH, role="dtc_admin",
+                     telegram_id=OPERATOR_ID, verified=True)
+    emu.add_user(OPERATOR_ID, "Op")
+    [found] = await say(emu, OPERATOR_ID, "/unit ben thnah")
+    assert "Phường Bến Thành" in buttons(found)[0]["text"]
+    faq = ('[[faq]]\nid = "gio_hop_giao_ban"\nq_vi = ["Họp giao ban CNTT lúc mấy giờ?"]\n'
+           'q_en = ["When is the IT briefing?"]\n'
+           'a_vi = "Họp giao ban CNTT lúc 8 giờ sáng thứ Hai."\n'
+           'a_en = "The IT briefing is at 8 am on Mondays."\nsource = "bot"\n')
+    await say(emu, OPERATOR_ID, "/import")
+    since = len(emu.sent(OPERATOR_ID))
+    await emu.send_document(OPERATOR_ID, faq.encode(), "them.toml")
+    [kind] = await emu.wait_for_messages(OPERATOR_ID, since=since)
+    [done] = await press(emu, OPERATOR_ID, kind, "Hỏi đáp")
+    assert "thêm 1" in done["text"]
+    [ans] = await say(emu, OPERATOR_ID, "hop giao ban cntt may gio")
+    assert "8 giờ sáng thứ Hai" in ans["text"]
+    await say(emu, OPERATOR_ID, "/import")
+    since = len(emu.sent(OPERATOR_ID))
+    await emu.send_document(OPERATOR_ID, b'[[faq]]\nid = "x"\n', "hong.toml")
+    [kind] = await emu.wait_for_messages(OPERATOR_ID, since=since)
+    [err] = await press(emu, OPERATOR_ID, kind, "Hỏi đáp")
+    assert "có lỗi" in err["text"]
