@@ -43,3 +43,33 @@ def test_init_then_import_staff(tmp_path: Path) -> None:
     junk.write_bytes(b"PK\x03\x04 garbage")
     r = hopnhat(tmp_path, "import", "staff", str(junk))
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_plan_export_edit_import(tmp_path: Path) -> None:
+    from openpyxl import load_workbook
+
+    assert hopnhat(tmp_path, "init", "--no-sample").returncode == 0
+    xlsx = tmp_path / "plan.xlsx"
+    r = hopnhat(tmp_path, "plan", "export", str(xlsx))
+    assert r.returncode == 0, r.stderr
+    wb = load_workbook(xlsx)
+    ws = wb["milestones"]
+    header = [c.value for c in ws[1]]
+    key_col, due_col = header.index("key"), header.index("due")
+    for row in ws.iter_rows(min_row=2):
+        if row[key_col].value == "hcm_qlvb_official":
+            row[due_col].value = "2025-09-15"
+    wb.save(xlsx)
+    r = hopnhat(tmp_path, "plan", "import", str(xlsx))
+    assert r.returncode == 0 and "Plan applied" in r.stdout, r.stderr
+    again = tmp_path / "again.xlsx"
+    assert hopnhat(tmp_path, "plan", "export", str(again)).returncode == 0
+    dues = {r[key_col].value: r[due_col].value
+            for r in load_workbook(again)["milestones"].iter_rows(min_row=2)}
+    assert str(dues["hcm_qlvb_official"])[:10] == "2025-09-15"
+    for row in ws.iter_rows(min_row=2):
+        if row[key_col].value == "hcm_qlvb_official":
+            row[due_col].value = "not a date"
+    wb.save(xlsx)
+    r = hopnhat(tmp_path, "plan", "import", str(xlsx))
+    assert r.returncode == 1 and "row" in r.stderr and "Traceback" not in r.stderr
