@@ -80,6 +80,20 @@ async def drive(emu, users: list[int], per_user: int, text: str, timeout: float 
     return out
 
 
+async def latency(emu, user: int, text: str, n: int = 100) -> dict[str, float]:
+    """Unloaded round trips: one message at a time, time until the bot's reply arrives."""
+    times = []
+    for _ in range(n):
+        since = len(emu.sent(user))
+        t0 = time.perf_counter()
+        await emu.send_text(user, text)
+        await emu.wait_for_messages(user, count=1, since=since, timeout=30)
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return {"p50_ms": 1000 * statistics.median(times),
+            "p99_ms": 1000 * times[min(n - 1, int(0.99 * n))]}
+
+
 async def measure(args: list[str], env: dict[str, str], users: list[int], per_user: int,
                   texts: list[str], log: Path) -> dict[str, dict[str, float]]:
     """Start the bot in a child process against a fresh emulator; for each text, every user
@@ -99,6 +113,8 @@ async def measure(args: list[str], env: dict[str, str], users: list[int], per_us
             cpu0 = cpu_seconds(proc.pid)
             r = await drive(emu, users, per_user, text)
             r["cpu_ms_per_update"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / r["updates"]
+            lat = await latency(emu, users[0], text)
+            r["idle_p50_ms"], r["idle_p99_ms"] = lat["p50_ms"], lat["p99_ms"]
             out[text] = r
         return out
     finally:
@@ -114,7 +130,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def show(name: str, r: dict[str, float]) -> None:
-    print(f"  {name:<22} {r['per_sec']:8.1f} updates/s   p50 {r.get('p50_ms', 0):7.1f} ms"
-          f"   p99 {r.get('p99_ms', 0):7.1f} ms   bot CPU {r['cpu_ms_per_update']:.2f} ms/update")
+    print(f"  {name:<22} {r['per_sec']:7.1f} updates/s (saturated: p50 {r['p50_ms']:.0f} ms,"
+          f" p99 {r['p99_ms']:.0f} ms)   one at a time: p50 {r['idle_p50_ms']:.1f} ms,"
+          f" p99 {r['idle_p99_ms']:.1f} ms   bot CPU {r['cpu_ms_per_update']:.2f} ms/update")
 
 

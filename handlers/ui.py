@@ -9,6 +9,7 @@ channel, which has no buttons, later needs no new flows).
 from __future__ import annotations
 
 import contextlib
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,17 @@ from services.folding import fold
 from services.texts import split_text
 
 CHOICES_KEY = "_choices"
+MAX_CHOICE_TEXT = 120
+_memo: weakref.WeakKeyDictionary[FSMContext, list[list[Any]]] = weakref.WeakKeyDictionary()
+
+
+async def _stored_choices(state: FSMContext) -> list[list[Any]]:
+    """Remembered choices, read once per update: every TypedChoice filter asks for them."""
+    cached = _memo.get(state)
+    if cached is None:
+        cached = (await state.get_data()).get(CHOICES_KEY) or []
+        _memo[state] = cached
+    return cached
 
 
 @dataclass
@@ -54,6 +66,7 @@ def remembered(choices: list[Choice]) -> list[list[Any]]:
 
 
 async def remember(state: FSMContext, choices: list[Choice]) -> None:
+    _memo.pop(state, None)
     await state.update_data({CHOICES_KEY: remembered(choices)})
 
 
@@ -97,10 +110,11 @@ class TypedChoice(Filter):
         self.cb = cb
 
     async def __call__(self, message: Message, state: FSMContext) -> bool | dict[str, Any]:
-        if not message.text:
-            return False
-        stored = (await state.get_data()).get(CHOICES_KEY) or []
-        data = match_choice(message.text, stored)
+        text = message.text
+        if not text or text.startswith("/") or len(text) > MAX_CHOICE_TEXT:
+            return False  # commands and long texts are never a typed choice
+        stored = await _stored_choices(state)
+        data = match_choice(text, stored)
         if data is None or not data.startswith(self.cb.__prefix__ + self.cb.__separator__):
             return False
         try:
