@@ -297,3 +297,117 @@ class FsmRecord(Base):
     state: Mapped[str | None] = mapped_column(String(200))
     data: Mapped[dict[str, Any] | None]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class TicketStatus(enum.StrEnum):
+    new = "new"
+    triaged = "triaged"
+    in_progress = "in_progress"
+    waiting_reporter = "waiting_reporter"
+    resolved = "resolved"
+    closed = "closed"
+    reopened = "reopened"
+
+
+class Severity(enum.StrEnum):
+    low = "low"
+    normal = "normal"
+    high = "high"
+    critical = "critical"
+
+
+class Ticket(Base):
+    """A reported problem; ``code`` (HT-000123) is what people quote."""
+
+    __tablename__ = "tickets"
+    __table_args__ = (
+        _enum_check("status", "status", TicketStatus),
+        _enum_check("severity", "severity", Severity),
+        CheckConstraint("csat IS NULL OR (csat BETWEEN 1 AND 5)", name="csat_range"),
+        Index("ix_tickets_open", "status", "sla_due_at"),
+        Index("ix_tickets_system_unit", "system_code", "unit_code", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(20), unique=True)
+    reporter_id: Mapped[int] = mapped_column(ForeignKey("people.id"), index=True)
+    unit_code: Mapped[str | None] = mapped_column(ForeignKey("units.code"))
+    system_code: Mapped[str | None] = mapped_column(ForeignKey("systems.code"))
+    severity: Mapped[str] = mapped_column(String(10), default=Severity.normal.value)
+    priority: Mapped[int] = mapped_column(Integer, default=3)
+    status: Mapped[str] = mapped_column(String(20), default=TicketStatus.new.value)
+    summary: Mapped[str] = mapped_column(Text)
+    assignee_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"), index=True)
+    incident_id: Mapped[int | None] = mapped_column(ForeignKey("incidents.id"), index=True)
+    group_chat_id: Mapped[str | None] = mapped_column(String(64))
+    topic_id: Mapped[int | None] = mapped_column(BigInteger)
+    card_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    first_response_at: Mapped[datetime | None]
+    resolved_at: Mapped[datetime | None]
+    closed_at: Mapped[datetime | None]
+    sla_due_at: Mapped[datetime | None]
+    sla_warned_at: Mapped[datetime | None]
+    sla_breached_at: Mapped[datetime | None]
+    csat: Mapped[int | None] = mapped_column(Integer)
+    csat_at: Mapped[datetime | None]
+    reopen_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class TicketMessage(Base):
+    """One message in a ticket's conversation, with where it lives on each side (for edits)."""
+
+    __tablename__ = "ticket_messages"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(12))  # report | reporter | agent | note | system
+    author_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    text: Mapped[str | None] = mapped_column(Text)
+    src_chat_id: Mapped[str | None] = mapped_column(String(64))
+    src_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    dst_chat_id: Mapped[str | None] = mapped_column(String(64))
+    dst_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    edited_at: Mapped[datetime | None]
+
+
+class TicketAttachment(Base):
+    __tablename__ = "ticket_attachments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)
+    message_id: Mapped[int | None] = mapped_column(ForeignKey("ticket_messages.id"))
+    kind: Mapped[str] = mapped_column(String(12))  # photo | document
+    file_id: Mapped[str] = mapped_column(String(255))
+    file_name: Mapped[str | None] = mapped_column(String(255))
+    file_size: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Incident(Base):
+    """Several tickets on one system in a short window: one known problem."""
+
+    __tablename__ = "incidents"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    system_code: Mapped[str | None] = mapped_column(ForeignKey("systems.code"))
+    title: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(12), default="open")
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None]
+
+
+class SupportGroup(Base):
+    """The chat group(s) where support staff triage tickets, set up by an operator."""
+
+    __tablename__ = "support_groups"
+
+    chat_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    title: Mapped[str | None] = mapped_column(String(255))
+    is_forum: Mapped[bool] = mapped_column(Boolean, default=False)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    configured_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    configured_at: Mapped[datetime] = mapped_column(default=utcnow)
