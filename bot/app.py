@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -30,7 +30,9 @@ from bot.fsm_storage import DbStorage
 from bot.inbox import Inbox
 from bot.middlewares import DbSessionMiddleware, RoleMiddleware, WhoMiddleware
 from db.session import make_engine, make_sessionmaker
+from handlers.desk import Desk
 from services import texts
+from tasks.ticket_worker import TicketWorker
 
 log = logging.getLogger("hopnhat")
 POLL_TIMEOUT = 25
@@ -82,6 +84,8 @@ def create_dispatcher(
         registration,
         start,
         status,
+        support,
+        tickets,
     )
     from knowledge.store import load_knowledge
 
@@ -102,6 +106,8 @@ def create_dispatcher(
         imports.router,
         registration.router,
         status.router,
+        support.router,
+        tickets.router,
         knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )
@@ -120,8 +126,25 @@ class App:
     dp: Dispatcher
     inbox: Inbox
     menu: CommandMenu
+    desk: Desk
+    workers: list[asyncio.Task[None]] = field(default_factory=list)
+    workers_stop: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def start_workers(self) -> None:
+        """Background loops that run beside the update handling (here: the support desk)."""
+        worker = TicketWorker(self.maker, self.desk.publish, self.desk.sla_scan,
+                              self.desk.wakeup, self.settings.ticket_scan_seconds)
+        self.workers.append(asyncio.create_task(worker.run(self.workers_stop)))
+
+    async def stop_workers(self) -> None:
+        self.workers_stop.set()
+        for task in self.workers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        self.workers.clear()
 
     async def close(self) -> None:
+        await self.stop_workers()
         await self.inbox.drain()
         await self.bot.session.close()
         await self.engine.dispose()
@@ -134,7 +157,9 @@ def build_app(settings: Settings) -> App:
     bot = create_bot(settings)
     menu = CommandMenu(bot, settings.default_lang)
     dp = create_dispatcher(settings, maker, menu)
-    return App(settings, engine, maker, bot, dp, Inbox(dp, bot, maker), menu)
+    desk = Desk(bot, maker, settings)
+    dp["desk"] = desk
+    return App(settings, engine, maker, bot, dp, Inbox(dp, bot, maker), menu, desk)
 
 
 async def _startup(app: App) -> None:
@@ -148,6 +173,7 @@ async def _startup(app: App) -> None:
 
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
+    app.start_workers()
 
 
 class RawPoller:

@@ -12,8 +12,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from services.sla import BusinessCalendar, CalendarError
 
 TELEGRAM_API_URL = "https://api.telegram.org"
 _TOKEN_RE = re.compile(r"^\d{3,}:[A-Za-z0-9_-]{20,}$")
@@ -40,6 +42,15 @@ class Settings(BaseSettings):
     webhook_port: int = Field(default=8080, ge=1, le=65535)
     log_level: str = "INFO"
     data_dir: Path = Path("./data")
+    # Support desk (issue 6): the helpdesk's business calendar and the ticket worker's pace.
+    sla_workdays: str = "mon-fri"
+    sla_hours: str = "07:30-11:30,13:30-17:00"
+    sla_holidays: str = ""
+    sla_due_hours: str = ""
+    sla_warn_minutes: int = Field(default=60, ge=1, le=24 * 60)
+    ticket_scan_seconds: float = Field(default=30.0, gt=0, le=3600)
+    incident_window_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
+    incident_threshold: int = Field(default=3, ge=2, le=1000)
 
     @field_validator("bot_token", mode="before")
     @classmethod
@@ -79,6 +90,18 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown time zone {v!r}") from exc
         return v
 
+    @field_validator("sla_workdays", "sla_hours", "sla_holidays", "sla_due_hours")
+    @classmethod
+    def _check_calendar(cls, v: str, info: ValidationInfo) -> str:
+        key = {"sla_workdays": "workdays", "sla_hours": "hours", "sla_holidays": "holidays",
+               "sla_due_hours": "due_hours"}[str(info.field_name)]
+        if v.strip():
+            try:
+                BusinessCalendar.from_config(**{key: v})
+            except CalendarError as exc:
+                raise ValueError(str(exc)) from exc
+        return v
+
     @field_validator("admin_ids", mode="before")
     @classmethod
     def _split_ids(cls, v: object) -> object:
@@ -93,6 +116,17 @@ class Settings(BaseSettings):
     @property
     def tz(self) -> ZoneInfo:
         return ZoneInfo(self.timezone)
+
+    @property
+    def sla_calendar(self) -> BusinessCalendar:
+        """The helpdesk's calendar; built (and checked) once per settings object."""
+        cal = self.__dict__.get("_sla_calendar")
+        if cal is None:
+            cal = BusinessCalendar.from_config(
+                tz=self.timezone, workdays=self.sla_workdays, hours=self.sla_hours,
+                holidays=self.sla_holidays or None, due_hours=self.sla_due_hours or None)
+            self.__dict__["_sla_calendar"] = cal
+        return cal
 
     @property
     def is_sqlite(self) -> bool:

@@ -215,7 +215,7 @@ async def overview_cmd(message: Message, state: FSMContext, session: AsyncSessio
     await overview(message, state, session, who, lang, settings, 0)
 
 
-@router.message(Command("report"), flags={"perm": "report"})
+@router.message(Command("export"), flags={"perm": "report"})
 async def report_cmd(message: Message, session: AsyncSession, who: Who, lang: str,
                      settings: Settings) -> None:
     await report(message, session, who, lang, settings)

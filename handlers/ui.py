@@ -34,7 +34,7 @@ MAX_CHOICE_TEXT = 120
 _memo: weakref.WeakKeyDictionary[FSMContext, list[list[Any]]] = weakref.WeakKeyDictionary()
 
 
-async def _stored_choices(state: FSMContext) -> list[list[Any]]:
+async def stored_choices(state: FSMContext) -> list[list[Any]]:
     """Remembered choices, read once per update: every TypedChoice filter asks for them."""
     cached = _memo.get(state)
     if cached is None:
@@ -113,7 +113,7 @@ class TypedChoice(Filter):
         text = message.text
         if not text or text.startswith("/") or len(text) > MAX_CHOICE_TEXT:
             return False  # commands and long texts are never a typed choice
-        stored = await _stored_choices(state)
+        stored = await stored_choices(state)
         data = match_choice(text, stored)
         if data is None or not data.startswith(self.cb.__prefix__ + self.cb.__separator__):
             return False

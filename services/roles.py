@@ -10,6 +10,7 @@ ANYONE = "anyone"  # pseudo-role: also unverified people
 VERIFIED = frozenset(Role)
 APPROVERS = frozenset({Role.unit_admin, Role.dtc_admin})
 OPERATORS = frozenset({Role.dtc_admin})
+AGENTS = frozenset({Role.support, Role.dtc_admin})
 
 
 @dataclass(frozen=True)
@@ -31,12 +32,18 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("ask", None),
         Permission("status", VERIFIED, "status"),
         Permission("unit", VERIFIED, "unit"),
+        Permission("ticket", VERIFIED, "ticket"),
+        Permission("mytickets", VERIFIED, "mytickets"),
         Permission("status_update", APPROVERS),
         Permission("approve_registration", APPROVERS, "pending"),
         Permission("overview", OPERATORS, "overview"),
-        Permission("report", OPERATORS, "report"),
+        Permission("report", OPERATORS, "export"),
         Permission("chart", OPERATORS, "chart"),
         Permission("import", OPERATORS, "import"),
+        Permission("support", AGENTS),
+        Permission("queue", AGENTS, "queue"),
+        Permission("ticketstats", OPERATORS, "ticketstats"),
+        Permission("supportgroup", OPERATORS, "supportgroup"),
     )
 }
 

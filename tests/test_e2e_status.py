@@ -118,7 +118,7 @@ async def test_operator_overview_report_chart_and_inline(live, seeded_maker):
     assert "Đơn vị chậm tiến độ" in msgs[1]["text"] and "1." in msgs[1]["text"]
     [more] = await press(emu, OPERATOR_ID, msgs[1], "Xem thêm")
     assert "9." in more["text"]
-    [doc] = await say(emu, OPERATOR_ID, "/report")
+    [doc] = await say(emu, OPERATOR_ID, "/export")
     assert doc["document"]["file_name"].endswith(".xlsx")
     [photo] = await say(emu, OPERATOR_ID, "/chart")
     assert photo.get("photo")
