@@ -326,6 +326,8 @@ class Ticket(Base):
         CheckConstraint("csat IS NULL OR (csat BETWEEN 1 AND 5)", name="csat_range"),
         Index("ix_tickets_open", "status", "sla_due_at"),
         Index("ix_tickets_system_unit", "system_code", "unit_code", "status"),
+        Index("ix_tickets_topic", "group_chat_id", "topic_id"),  # also: not yet published
+        Index("ix_tickets_card", "group_chat_id", "card_message_id"),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -359,6 +361,10 @@ class TicketMessage(Base):
     """One message in a ticket's conversation, with where it lives on each side (for edits)."""
 
     __tablename__ = "ticket_messages"
+    __table_args__ = (  # a reply or an edit on either side finds its message
+        Index("ix_ticket_messages_src", "src_chat_id", "src_message_id"),
+        Index("ix_ticket_messages_dst", "dst_chat_id", "dst_message_id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     ticket_id: Mapped[int] = mapped_column(ForeignKey("tickets.id"), index=True)

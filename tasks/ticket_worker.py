@@ -37,6 +37,9 @@ class TicketWorker:
         """Publish every waiting ticket; stops early when no support group is configured."""
         done = 0
         failed: set[int] = set()
+        async with self.maker() as session:
+            if await tickets.current_support_group(session) is None:
+                return 0  # nowhere to publish yet: they wait, in order, for /supportgroup
         while True:
             async with self.maker() as session:
                 ids = [x.id for x in await tickets.unpublished(session, limit=20 + len(failed))

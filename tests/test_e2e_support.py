@@ -139,10 +139,20 @@ async def test_forum_life_cycle(live, seeded_maker):
 
     # the reporter replies to the copy: it appears in the topic
     since_g = len(emu.sent(FORUM))
-    await emu.send_text(REPORTER, "Đã xóa, vẫn lỗi ạ", reply_to_message_id=copy["message_id"])
+    answer = await emu.send_text(REPORTER, "Đã xóa, vẫn lỗi ạ",
+                                 reply_to_message_id=copy["message_id"])
     [who, relayed] = await emu.wait_for_messages(FORUM, count=2, since=since_g)
     assert "Trần Thị Báo" in who["text"] and relayed["text"] == "Đã xóa, vẫn lỗi ạ"
     assert relayed["message_thread_id"] == thread
+    # ... and the reporter's correction edits the topic's copy
+    await emu.edit_user_message(REPORTER, answer["message"]["message_id"],
+                                "Đã xóa cache, vẫn lỗi ạ")
+    for _ in range(100):
+        rec = next(m for m in emu.sent(FORUM) if m["message_id"] == relayed["message_id"])
+        if rec["text"] == "Đã xóa cache, vẫn lỗi ạ":
+            break
+        await asyncio.sleep(0.05)
+    assert rec["text"] == "Đã xóa cache, vẫn lỗi ạ"
 
     # need info: the reporter is asked; a loose message asks which ticket it belongs to
     card = card_of(emu, FORUM)
@@ -304,6 +314,7 @@ async def test_incident_grouping_and_queue(live, seeded_maker):
     assert "Không có phiếu" in await queue(AGENT_A, "/queue mine")
     assert (await queue(AGENT_A, "/queue unassigned HNTH")).count("HT-") == 4
     assert "Không có phiếu" in await queue(AGENT_A, "/queue qlvb")
+    assert (await queue(AGENT_A, "/queue phuong ben thanh")).count("HT-") == 4
     assert "Không hiểu bộ lọc" in await queue(AGENT_A, "/queue xyzzy khong co")
     assert "quyền" in (await queue(BYSTANDER, "/queue")).lower()
 

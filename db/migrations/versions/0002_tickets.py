@@ -88,6 +88,8 @@ def upgrade() -> None:
         batch_op.create_index('ix_tickets_open', ['status', 'sla_due_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_tickets_reporter_id'), ['reporter_id'], unique=False)
         batch_op.create_index('ix_tickets_system_unit', ['system_code', 'unit_code', 'status'], unique=False)
+        batch_op.create_index('ix_tickets_topic', ['group_chat_id', 'topic_id'], unique=False)
+        batch_op.create_index('ix_tickets_card', ['group_chat_id', 'card_message_id'], unique=False)
 
     op.create_table('ticket_messages',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -107,6 +109,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table('ticket_messages', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_ticket_messages_ticket_id'), ['ticket_id'], unique=False)
+        batch_op.create_index('ix_ticket_messages_dst', ['dst_chat_id', 'dst_message_id'], unique=False)
+        batch_op.create_index('ix_ticket_messages_src', ['src_chat_id', 'src_message_id'], unique=False)
 
     op.create_table('ticket_attachments',
     sa.Column('id', sa.Integer(), nullable=False),
@@ -134,10 +138,14 @@ def downgrade() -> None:
 
     op.drop_table('ticket_attachments')
     with op.batch_alter_table('ticket_messages', schema=None) as batch_op:
+        batch_op.drop_index('ix_ticket_messages_src')
+        batch_op.drop_index('ix_ticket_messages_dst')
         batch_op.drop_index(batch_op.f('ix_ticket_messages_ticket_id'))
 
     op.drop_table('ticket_messages')
     with op.batch_alter_table('tickets', schema=None) as batch_op:
+        batch_op.drop_index('ix_tickets_card')
+        batch_op.drop_index('ix_tickets_topic')
         batch_op.drop_index('ix_tickets_system_unit')
         batch_op.drop_index(batch_op.f('ix_tickets_reporter_id'))
         batch_op.drop_index('ix_tickets_open')
