@@ -100,6 +100,10 @@ class Directory(Protocol):
     async def set_password(self, uid: str, password: str, must_change: bool = True) -> None: ...
     async def add_to_group(self, uid: str, group: str) -> bool: ...
     async def disable(self, uid: str) -> list[str]: ...
+    async def remove_from_group(self, uid: str, group: str) -> bool: ...
+    async def taken_uids_many(self, prefixes: list[str]) -> set[str]: ...
+    async def create_many(self, items: list[tuple[NewEntry, str]]
+                          ) -> list[DirEntry | DirectoryError | None]: ...
     async def close(self) -> None: ...
 
 
@@ -293,37 +297,82 @@ class LdapDirectory:
 
         return await self._run(work)
 
-    async def create(self, entry: NewEntry, password: str) -> DirEntry:
-        """Add the person (password hashed client side, pwdReset TRUE); an existing entry of
-        the same person under the same DN counts as created (idempotent retry)."""
+    async def taken_uids_many(self, prefixes: list[str]) -> set[str]:
+        """Addresses in use starting with any of ``prefixes``: one search per 100 prefixes."""
+        out: set[str] = set()
+        uniq = sorted(set(prefixes))
+        for i in range(0, len(uniq), 100):
+            terms = "".join(f"(uid={escape_filter_chars(p)}*)(mail={escape_filter_chars(p)}*)"
+                            for p in uniq[i:i + 100])
+            flt = f"(&(objectClass=inetOrgPerson)(|{terms}))"
+
+            def work(c: ldap3.Connection, flt: str = flt) -> None:
+                for e in self._find(c, flt):
+                    out.add(e.uid)
+                    if e.mail:
+                        out.add(e.mail.split("@", 1)[0])
+
+            await self._run(work)
+        return out
+
+    def _attrs(self, entry: NewEntry, password: str) -> dict[str, Any]:
         family, given = split_name(entry.full_name)
         attrs: dict[str, Any] = {
             "uid": entry.uid, "mail": entry.mail, "cn": entry.full_name, "sn": family,
             "givenName": given, "displayName": entry.full_name, "employeeNumber": entry.employee,
-            "userPassword": hashed(ldap3.HASHED_SALTED_SHA, password),
+            "userPassword": hashed(ldap3.HASHED_SALTED_SHA, password), "pwdReset": "TRUE",
         }
         if entry.title:
             attrs["title"] = entry.title
         if entry.phone:
             attrs["telephoneNumber"] = entry.phone
+        return attrs
+
+    def _create_one(self, c: ldap3.Connection, entry: NewEntry, password: str) -> DirEntry:
+        """Add with the password hashed client side and pwdReset TRUE. The same person's entry
+        left by an earlier try is kept and given this password (the earlier one was never
+        delivered); someone else's entry under the address is an error."""
+        self._ensure(c, self.unit_dn(entry.unit_code), ["organizationalUnit"],
+                     {"ou": entry.unit_code})
         dn = self.person_dn(entry.uid, entry.unit_code)
+        ok = c.add(dn, ["inetOrgPerson"], self._attrs(entry, password))
+        code = self._check(c, ok, f"add {entry.uid}", allow=(68,))  # 68: already exists
+        if code != 68:
+            return DirEntry(dn=dn, uid=entry.uid, mail=entry.mail, cn=entry.full_name,
+                            employee=entry.employee, unit_code=entry.unit_code, disabled=False,
+                            must_change=True)
+        existing = self._get(c, entry.uid)
+        if existing is None or existing.employee != entry.employee:
+            raise DirectoryError(f"{entry.uid} exists for someone else")
+        ok = c.modify(existing.dn, {
+            "userPassword": [(ldap3.MODIFY_REPLACE, [hashed(ldap3.HASHED_SALTED_SHA, password)])],
+            "pwdReset": [(ldap3.MODIFY_REPLACE, ["TRUE"])]})
+        self._check(c, ok, f"password {entry.uid}")
+        existing.must_change = True
+        return existing
 
-        def work(c: ldap3.Connection) -> DirEntry:
-            self._ensure(c, self.unit_dn(entry.unit_code), ["organizationalUnit"],
-                         {"ou": entry.unit_code})
-            ok = c.add(dn, ["inetOrgPerson"], attrs)
-            code = self._check(c, ok, f"add {entry.uid}", allow=(68,))
-            if code == 68:
-                existing = self._get(c, entry.uid)
-                if existing is None or existing.employee != entry.employee:
-                    raise DirectoryError(f"{entry.uid} exists for someone else")
-            ok = c.modify(dn, {"pwdReset": [(ldap3.MODIFY_REPLACE, ["TRUE"])]})
-            self._check(c, ok, f"pwdReset {entry.uid}")
-            got = self._get(c, entry.uid)
-            assert got is not None
-            return got
+    async def create_many(self, items: list[tuple[NewEntry, str]]
+                          ) -> list[DirEntry | DirectoryError | None]:
+        """Create several entries in one worker-thread call (bulk speed). Per item: the entry,
+        the refusal, or None when the directory went away before it was tried."""
+        out: list[DirEntry | DirectoryError | None] = [None] * len(items)
 
-        return await self._run(work)
+        def work(c: ldap3.Connection) -> None:
+            for i, (entry, password) in enumerate(items):
+                try:
+                    out[i] = self._create_one(c, entry, password)
+                except DirectoryUnavailable:
+                    raise
+                except DirectoryError as exc:
+                    out[i] = exc
+
+        with contextlib.suppress(DirectoryUnavailable):  # the caller retries items still None
+            await self._run(work)
+        return out
+
+    async def create(self, entry: NewEntry, password: str) -> DirEntry:
+        """One entry (see :meth:`_create_one`)."""
+        return await self._run(lambda c: self._create_one(c, entry, password))
 
     async def set_password(self, uid: str, password: str, must_change: bool = True) -> None:
         def work(c: ldap3.Connection) -> None:
@@ -365,6 +414,18 @@ class LdapDirectory:
                                                                [LOCKED_FOREVER])]})
                 self._check(c, ok, f"lock {uid}")
             return e.groups
+
+        return await self._run(work)
+
+    async def remove_from_group(self, uid: str, group: str) -> bool:
+        """True if the person was a member and is not any more."""
+        def work(c: ldap3.Connection) -> bool:
+            e = self._get(c, uid)
+            if e is None:
+                raise DirectoryError(f"no entry {uid}")
+            ok = c.modify(self.group_dn(group), {"member": [(ldap3.MODIFY_DELETE, [e.dn])]})
+            code = self._check(c, ok, f"leave {group}", allow=(16, 32))  # no such value/group
+            return code == 0
 
         return await self._run(work)
 
