@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
@@ -79,6 +79,7 @@ def create_dispatcher(
         fallback,
         imports,
         knowledge,
+        provisioning,
         registration,
         start,
         status,
@@ -102,6 +103,7 @@ def create_dispatcher(
         imports.router,
         registration.router,
         status.router,
+        provisioning.router,
         knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )
@@ -120,8 +122,14 @@ class App:
     dp: Dispatcher
     inbox: Inbox
     menu: CommandMenu
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+    stop_background: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def close(self) -> None:
+        self.stop_background.set()
+        for task in self.background:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 15)
         await self.inbox.drain()
         await self.bot.session.close()
         await self.engine.dispose()
@@ -148,6 +156,9 @@ async def _startup(app: App) -> None:
 
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
+    from tasks.provisioning import start_provisioning
+
+    start_provisioning(app)
 
 
 class RawPoller:

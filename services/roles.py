@@ -37,6 +37,11 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("report", OPERATORS, "report"),
         Permission("chart", OPERATORS, "chart"),
         Permission("import", OPERATORS, "import"),
+        # provisioning (issue 5)
+        Permission("request_account", VERIFIED, "request"),
+        Permission("my_requests", VERIFIED, "requests"),
+        Permission("approve_provisioning", APPROVERS, "approvals"),
+        Permission("catalog", OPERATORS, "catalog"),
     )
 }
 

@@ -550,3 +550,26 @@ class Provisioner:
 async def _maybe_await(value: Any) -> None:
     if asyncio.iscoroutine(value):
         await value
+
+
+def start_provisioning(app: Any) -> None:
+    """Run the provisioning loop beside the bot when a directory is configured
+    (``HOPNHAT_LDAP_URL``); without one, approved requests wait."""
+    from services.directory import LdapDirectory
+
+    settings = app.settings
+    if not settings.ldap_url:
+        log.info("HOPNHAT_LDAP_URL not set: provisioning jobs are not executed")
+        return
+    password = settings.ldap_password.get_secret_value() if settings.ldap_password else ""
+    directory = LdapDirectory(settings.ldap_url, settings.ldap_base_dn, settings.ldap_bind_dn,
+                              password)
+    worker = Provisioner.from_settings(app.maker, directory, settings, BotMessenger(app.bot))
+
+    async def loop() -> None:
+        try:
+            await worker.run(app.stop_background, interval=0.5)
+        finally:
+            await directory.close()
+
+    app.background.append(asyncio.create_task(loop()))
