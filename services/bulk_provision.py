@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.models import Account, AccountStatus, Person, ProvisioningRequest, ProvKind, Unit
+from db.models import Account, AccountStatus, Person, ProvisioningRequest, Unit
 from services import imports, provisioning
 from services.addresses import DEFAULT_PATTERN, AddressError, local_part, numbered
 from services.audit import Actor, audit
@@ -111,13 +111,11 @@ async def submit(session: AsyncSession, data: bytes, filename: str, operator: Pe
     phones = [r.phone for r in p.create]
     people = {x.phone: x for x in await session.scalars(
         select(Person).where(Person.phone.in_(phones)))} if phones else {}
+    skipped = set(await provisioning.create_email_batch(
+        session, operator, [people[r.phone] for r in p.create], actor=actor, batch=batch))
     for r in p.create:
-        person = people[r.phone]
-        try:
-            await provisioning.create_request(session, operator, ProvKind.email, actor=actor,
-                                              subject=person, auto_approve=True, batch=batch)
-        except provisioning.ProvError as exc:  # e.g. an email request already open
-            r.note = exc.code
+        if people[r.phone].id in skipped:
+            r.note = "prov.err_duplicate"  # an email request already open for this person
     await audit(session, actor, "provisioning.bulk", "batch", batch,
                 after={"file": filename, "create": len(p.create), "existing": len(p.existing),
                        "invalid_rows": p.report.error_rows + len(p.invalid)})

@@ -59,6 +59,10 @@ class DirectoryError(Exception):
     """The directory refused an operation (not worth retrying)."""
 
 
+class DirectoryConflict(DirectoryError):
+    """The address is taken by someone else's entry (made outside this service)."""
+
+
 class DirectoryUnavailable(DirectoryError):
     """The directory cannot be reached now; try again later."""
 
@@ -307,10 +311,12 @@ class LdapDirectory:
             flt = f"(&(objectClass=inetOrgPerson)(|{terms}))"
 
             def work(c: ldap3.Connection, flt: str = flt) -> None:
-                for e in self._find(c, flt):
-                    out.add(e.uid)
-                    if e.mail:
-                        out.add(e.mail.split("@", 1)[0])
+                ok = c.search(f"ou=units,{self.base_dn}", flt, attributes=["uid", "mail"])
+                self._check(c, ok, "search", allow=(32,))
+                for e in c.response or []:
+                    a = e.get("attributes") or {}
+                    out.update(str(u) for u in a.get("uid") or [])
+                    out.update(str(m).split("@", 1)[0] for m in a.get("mail") or [])
 
             await self._run(work)
         return out
@@ -343,7 +349,7 @@ class LdapDirectory:
                             must_change=True)
         existing = self._get(c, entry.uid)
         if existing is None or existing.employee != entry.employee:
-            raise DirectoryError(f"{entry.uid} exists for someone else")
+            raise DirectoryConflict(f"{entry.uid} exists for someone else")
         ok = c.modify(existing.dn, {
             "userPassword": [(ldap3.MODIFY_REPLACE, [hashed(ldap3.HASHED_SALTED_SHA, password)])],
             "pwdReset": [(ldap3.MODIFY_REPLACE, ["TRUE"])]})

@@ -431,3 +431,45 @@ def due_clause(now: datetime) -> Any:
         and_(T.state == ProvState.approved.value,
              or_(T.next_attempt_at.is_(None), T.next_attempt_at <= now)),
         and_(T.state == ProvState.in_progress.value, T.next_attempt_at <= now)))
+
+
+async def create_email_batch(session: AsyncSession, requester: Person | None,
+                             people: list[Person], *, actor: Actor, batch: str) -> list[int]:
+    """Auto-approved email jobs for many people at once (an operator's staff list): the same
+    checks as :func:`create_request` (open request, existing mailbox, unit) in a few set
+    queries, rows and their audit entries inserted in bulk. Returns the ids of skipped people."""
+    from sqlalchemy import insert
+
+    from db.models import AuditLog
+
+    ids = [p.id for p in people]
+    busy: set[int] = set()
+    for i in range(0, len(ids), 1000):
+        part = ids[i:i + 1000]
+        busy |= set(await session.scalars(select(ProvisioningRequest.subject_id).where(
+            ProvisioningRequest.kind == ProvKind.email.value,
+            ProvisioningRequest.subject_id.in_(part),
+            ProvisioningRequest.state.in_(OPEN_STATES))))
+        busy |= set(await session.scalars(select(Account.person_id).where(
+            Account.person_id.in_(part), Account.system_code == "email",
+            Account.status == AccountStatus.active.value, Account.request_id.is_not(None))))
+    now = utcnow()
+    rows = [{"kind": ProvKind.email.value, "state": ProvState.approved.value,
+             "requester_id": requester.id if requester else None, "subject_id": p.id,
+             "unit_code": p.unit_code, "payload": {}, "needs_unit_admin": False,
+             "needs_operator": False, "batch": batch, "attempts": 0, "decided_at": now,
+             "created_at": now, "updated_at": now}
+            for p in people if p.id not in busy and p.unit_code is not None]
+    if not rows:
+        return sorted(busy)
+    new_ids = list(await session.scalars(
+        insert(ProvisioningRequest).returning(ProvisioningRequest.id, sort_by_parameter_order=True),
+        rows))
+    await session.execute(insert(AuditLog), [
+        {"at": now, "actor": actor.label[:100], "actor_person_id": actor.person_id,
+         "action": "provisioning.requested", "object_type": "provisioning_request",
+         "object_id": str(rid), "after": {"kind": "email", "state": "approved",
+                                          "subject": r["subject_id"], "unit": r["unit_code"],
+                                          "batch": batch}}
+        for rid, r in zip(new_ids, rows, strict=True)])
+    return sorted(busy | {p.id for p in people if p.unit_code is None})

@@ -24,12 +24,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from db.models import (
     Account,
     AccountStatus,
+    AuditLog,
     ChatIdentity,
     Person,
     ProvisioningRequest,
@@ -43,7 +44,13 @@ from db.models import (
 from services import provisioning as prov
 from services.addresses import DEFAULT_PATTERN, AddressError, local_part, numbered
 from services.audit import Actor, audit
-from services.directory import Directory, DirectoryError, DirectoryUnavailable, NewEntry
+from services.directory import (
+    Directory,
+    DirectoryConflict,
+    DirectoryError,
+    DirectoryUnavailable,
+    NewEntry,
+)
 from services.texts import norm_lang, t
 
 log = logging.getLogger(__name__)
@@ -106,7 +113,10 @@ class Provisioner:
     default_lang: str = "vi"
     chunk: int = 200
     on_progress: Callable[[str, int, int], Any] | None = None
-    _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    # addresses known to be taken and the prefixes already asked of the directory: each
+    # prefix is searched once per process, not once per chunk (a conflict forgets it)
+    _taken: set[str] = field(default_factory=set)
+    _asked: set[str] = field(default_factory=set)
 
     @classmethod
     def from_settings(cls, maker: async_sessionmaker[AsyncSession], directory: Directory,
@@ -279,6 +289,8 @@ class Provisioner:
                 Account.request_id.in_(ids), Account.system_code == "email"))}
             need = [j for j in jobs if j.req.id not in reserved]
             bases: dict[int, str] = {}
+            audits: list[dict[str, Any]] = []
+            now = self.clock()
             for j in need:
                 if j.person is None or j.unit is None:
                     await self._mark_failed(s, j.req, "prov.err_no_subject", "no subject")
@@ -291,7 +303,11 @@ class Provisioner:
                 except AddressError:
                     await self._mark_failed(s, j.req, "prov.err_address", j.person.full_name)
             if bases:
-                taken = await self.directory.taken_uids_many(list(bases.values()))
+                fresh = set(bases.values()) - self._asked
+                if fresh:
+                    self._taken |= await self.directory.taken_uids_many(sorted(fresh))
+                    self._asked |= fresh
+                taken = set(self._taken)
                 likes = [Account.login.like(f"{b}%") for b in set(bases.values())]
                 for i in range(0, len(likes), 100):
                     taken |= set(await s.scalars(select(Account.login).where(
@@ -302,13 +318,16 @@ class Provisioner:
                     assert j.person is not None and j.unit is not None
                     uid = numbered(bases[j.req.id], taken)
                     taken.add(uid)
+                    self._taken.add(uid)
                     acc = Account(person_id=j.person.id, system_code="email", login=uid,
                                   address=f"{uid}@{j.unit.domain or self.mail_domain}",
                                   status=AccountStatus.pending.value, request_id=j.req.id)
                     s.add(acc)
                     reserved[j.req.id] = acc
-                    await audit(s, ACTOR, "account.reserved", "provisioning_request", j.req.id,
-                                after={"login": uid, "address": acc.address})
+                    audits.append(_audit_row(now, "account.reserved", j.req.id,
+                                             {"login": uid, "address": acc.address}))
+                if audits:
+                    await s.execute(insert(AuditLog), audits)
             await s.commit()  # reservations are durable before the directory is touched
             todo = [j for j in jobs if j.req.id in reserved and j.req.state ==
                     ProvState.in_progress.value]
@@ -328,26 +347,42 @@ class Provisioner:
                 for j, acc, pw in items if j.person is not None and j.unit is not None])
             retry: list[int] = []
             now = self.clock()
-            for (j, acc, pw), res in zip(items, results, strict=True):
-                assert j.person is not None
-                if res is None:
-                    retry.append(j.req.id)
-                    continue
-                if isinstance(res, DirectoryError):
-                    acc.status = AccountStatus.disabled.value
-                    acc.login = f"{acc.login}#x{acc.id}"[:120]  # frees the address
-                    await self._mark_failed(s, j.req, "prov.err_directory", str(res))
-                    continue
-                sent = await self._deliver_password(s, j.person, acc.address or acc.login, pw)
-                del pw
-                acc.status = AccountStatus.active.value
-                acc.dn = res.dn
-                acc.activated_at = now
-                acc.password_sent_at = now if sent else None
-                await self._parallel(s, j.person, acc, now)
-                await self._done(s, j.req, {"login": acc.login, "address": acc.address,
-                                            "dn": res.dn, "password_sent": sent},
-                                 address=acc.address, sent=sent)
+            created: list[Account] = []
+            bulk: list[tuple[ProvisioningRequest, Account, str, bool]] = []
+            with s.no_autoflush:
+                for (j, acc, pw), res in zip(items, results, strict=True):
+                    assert j.person is not None
+                    if res is None:
+                        retry.append(j.req.id)
+                        continue
+                    if isinstance(res, DirectoryConflict):  # taken meanwhile: renumber later
+                        self._taken.add(acc.login)
+                        self._asked.discard(_base_of(acc.login))
+                        await s.delete(acc)
+                        retry.append(j.req.id)
+                        continue
+                    if isinstance(res, DirectoryError):
+                        acc.status = AccountStatus.disabled.value
+                        acc.login = f"{acc.login}#x{acc.id}"[:120]  # frees the address
+                        await self._mark_failed(s, j.req, "prov.err_directory", str(res))
+                        continue
+                    sent = await self._deliver_password(s, j.person, acc.address or acc.login,
+                                                        pw)
+                    del pw
+                    created.append(acc)
+                    if j.req.batch is not None:  # bulk: written below in a few statements
+                        bulk.append((j.req, acc, res.dn, sent))
+                        continue
+                    acc.status = AccountStatus.active.value
+                    acc.dn = res.dn
+                    acc.activated_at = now
+                    acc.password_sent_at = now if sent else None
+                    await self._done(s, j.req, {"login": acc.login, "address": acc.address,
+                                                "dn": res.dn, "password_sent": sent},
+                                     address=acc.address, sent=sent)
+                if bulk:
+                    await self._done_bulk(s, bulk, now)
+                await self._parallel(s, created, now)
             await s.commit()
             if self.on_progress is not None:
                 batch = next((j.req.batch for j in jobs if j.req.batch), None)
@@ -356,17 +391,41 @@ class Provisioner:
                                                         len(jobs)))
             return retry
 
-    async def _parallel(self, s: AsyncSession, person: Person, new: Account,
-                        now: datetime) -> None:
-        """Older active email accounts stay usable for the parallel period, then close."""
-        olds = await s.scalars(select(Account).where(
-            Account.person_id == person.id, Account.system_code == "email",
-            Account.status == AccountStatus.active.value, Account.id != new.id,
-            Account.expires_at.is_(None)))
-        for old in olds:
-            old.expires_at = now + timedelta(days=self.parallel_days)
-            await audit(s, ACTOR, "account.parallel", "account", old.id,
-                        after={"expires_at": old.expires_at.isoformat(), "new": new.address})
+    async def _done_bulk(self, s: AsyncSession,
+                         rows: list[tuple[ProvisioningRequest, Account, str, bool]],
+                         now: datetime) -> None:
+        """Batch jobs done: accounts, requests and audit rows in three executemany
+        statements (the ORM unit of work cost more than the directory adds)."""
+        await s.execute(update(Account), [
+            {"id": acc.id, "status": AccountStatus.active.value, "dn": dn, "activated_at": now,
+             "password_sent_at": now if sent else None} for _r, acc, dn, sent in rows])
+        results = [{"login": acc.login, "address": acc.address, "dn": dn, "password_sent": sent}
+                   for _r, acc, dn, sent in rows]
+        await s.execute(update(ProvisioningRequest), [
+            {"id": req.id, "state": ProvState.done.value, "finished_at": now,
+             "next_attempt_at": None, "result": res, "updated_at": now}
+            for (req, _a, _d, _s), res in zip(rows, results, strict=True)])
+        await s.execute(insert(AuditLog), [
+            _audit_row(now, "provisioning.email_done", req.id, res)
+            for (req, _a, _d, _s), res in zip(rows, results, strict=True)])
+
+    async def _parallel(self, s: AsyncSession, created: list[Account], now: datetime) -> None:
+        """Older active email accounts of these people stay usable for the parallel period,
+        then close (one query for the whole chunk)."""
+        if not created:
+            return
+        new_of = {a.person_id: a for a in created}
+        for i in range(0, len(created), 500):
+            part = [a.person_id for a in created[i:i + 500]]
+            olds = await s.scalars(select(Account).where(
+                Account.person_id.in_(part), Account.system_code == "email",
+                Account.status == AccountStatus.active.value,
+                Account.id.not_in([a.id for a in created]), Account.expires_at.is_(None)))
+            for old in olds:
+                old.expires_at = now + timedelta(days=self.parallel_days)
+                await audit(s, ACTOR, "account.parallel", "account", old.id,
+                            after={"expires_at": old.expires_at.isoformat(),
+                                   "new": new_of[old.person_id].address})
 
     # --- one-at-a-time kinds --------------------------------------------------------------
 
@@ -545,6 +604,17 @@ class Provisioner:
                                   payload={"account_id": acc.id, "why": why}, auto_approve=True,
                                   batch=f"sweep:{why}")
         return True
+
+
+def _base_of(login: str) -> str:
+    return login.rstrip("0123456789")
+
+
+def _audit_row(now: datetime, action: str, request_id: int,
+               after: dict[str, Any]) -> dict[str, Any]:
+    return {"at": now, "actor": ACTOR.label, "actor_person_id": None, "action": action,
+            "object_type": "provisioning_request", "object_id": str(request_id),
+            "after": after}
 
 
 async def _maybe_await(value: Any) -> None:

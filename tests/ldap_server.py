@@ -7,6 +7,7 @@ back with the same entries.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import shutil
@@ -65,6 +66,7 @@ class SlapdServer:
         (self.dir / "db").mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
+        self._atexit = False
         (self.dir / "slapd.conf").write_text(CONF.format(
             schema=SCHEMA_DIR, modules=MODULE_DIR, dir=self.dir, base=BASE_DN, admin=ADMIN_DN,
             password=ADMIN_PW))
@@ -75,6 +77,9 @@ class SlapdServer:
 
     def start(self) -> SlapdServer:
         # -d 0 keeps slapd in the foreground so the Popen is the server itself
+        if not self._atexit:  # a crashed script must not leave a slapd behind
+            atexit.register(self.stop)
+            self._atexit = True
         self.proc = subprocess.Popen(
             [SLAPD, "-f", str(self.dir / "slapd.conf"), "-h", self.url, "-d", "0"],
             stdout=subprocess.DEVNULL, stderr=(self.dir / "slapd.log").open("ab"),
