@@ -401,3 +401,54 @@ async def test_catalog_items_update_the_unit(sessionmaker):
         keys = [n.key for n in await s.scalars(select(ProvNotice).where(
             ProvNotice.person_id == admin.id))]
         assert keys.count("prov.n_catalog_done") == 2
+
+
+async def test_password_reset_and_deactivation(sessionmaker, directory, slapd_server):
+    async with sessionmaker() as s:
+        await setup_units(s)
+        admin = await person(s, "Lê Quản Trị", U1, "unit_admin", chat="601")
+        p = await person(s, "Nguyễn Văn An", chat="602")
+        await prov.create_request(s, admin, ProvKind.email, subject=p, actor=A)
+        await s.commit()
+    chat = Recorder()
+    w = worker(sessionmaker, directory, messenger=chat)
+    await w.run_until_idle()
+    async with sessionmaker() as s:
+        p = await s.get(Person, p.id)
+        admin = await s.get(Person, admin.id)
+        await prov.create_request(s, admin, ProvKind.system_account, subject=p,
+                                  system_code="tthc", role="mot_cua", actor=A)
+        reset = await prov.create_request(s, p, ProvKind.password_reset, subject=p, actor=A)
+        assert reset.state == "submitted"
+        assert (await prov.approve(s, reset.id, admin, A)).outcome == "approved"
+        await s.commit()
+    op_needed = await w.run_until_idle()
+    assert op_needed == 1  # the system account still waits for an operator
+    [_, reset_msg] = [m for m in chat.sent if "Mật khẩu tạm thời" in m[1]]
+    assert reset_msg[0] == "602" and reset_msg[2] is True and "đặt lại" in reset_msg[1]
+    new_pw = reset_msg[1].split("<code>")[1].split("</code>")[0]
+    dn = f"uid=annv,ou={U1},ou=units,dc=hopnhat,dc=test"
+    conn = ldap3.Connection(ldap3.Server(slapd_server.url.rstrip("/")), dn, new_pw)
+    assert conn.bind()
+    conn.unbind()
+    assert (await directory.get("annv")).must_change
+    async with sessionmaker() as s:
+        op = await person(s, "Phạm Vận Hành", U2, "dtc_admin")
+        sysreq = await s.scalar(select(ProvisioningRequest).where(
+            ProvisioningRequest.kind == "system_account"))
+        assert (await prov.approve(s, sysreq.id, op, A)).outcome == "approved"
+        await s.commit()
+    await w.run_until_idle()
+    assert (await directory.get("annv")).groups == ["tthc-mot_cua"]
+    async with sessionmaker() as s:
+        admin = await s.get(Person, admin.id)
+        p = await s.get(Person, p.id)
+        await prov.create_request(s, admin, ProvKind.deprovision, subject=p, actor=A)
+        await s.commit()
+    await w.run_until_idle()
+    e = await directory.get("annv")
+    assert e.disabled and e.groups == []
+    assert len(ldap_search(slapd_server, "(uid=annv)")) == 1  # kept, never deleted
+    async with sessionmaker() as s:
+        statuses = set(await s.scalars(select(Account.status)))
+        assert statuses == {"disabled"}
