@@ -5,6 +5,7 @@ outcome). Every button step also accepts its number or words typed (TypedChoice)
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -15,16 +16,27 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.fsm.context import FSMContext
 from aiogram.fsm.state import State, StatesGroup
 from aiogram.fsm.storage.base import BaseStorage
-from aiogram.types import CallbackQuery, Message
+from aiogram.types import BufferedInputFile, CallbackQuery, Message
 from sqlalchemy import or_, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.config import Settings
 from bot.middlewares import PostCommit
 from db.models import Person, ProvisioningRequest, ProvKind, ProvState, System, Unit
-from handlers.ui import Choice, TypedChoice, ask, keyboard, remember, reply_target, state_for
+from handlers.ui import (
+    Choice,
+    TypedChoice,
+    answer_long,
+    ask,
+    keyboard,
+    remember,
+    reply_target,
+    state_for,
+)
+from services import bulk_provision, imports
 from services import provisioning as prov
 from services.audit import Actor
+from services.directory import DirectoryUnavailable, LdapDirectory
 from services.folding import fold
 from services.people import Who
 from services.phones import try_normalize_phone
@@ -552,3 +564,148 @@ async def on_outcome(message: Message, state: FSMContext, session: AsyncSession,
     await message.answer(t("prov.outcome_saved", lang, id=req.id,
                            value=(req.result or {}).get("value"),
                            unit=unit.name if unit else "—"))
+
+
+# --- bulk: an operator sends a staff list -------------------------------------------------
+
+BULK_MAX_BYTES = 10 * 1024 * 1024
+_watchers: set[asyncio.Task[None]] = set()
+
+
+class ProvBulk(StatesGroup):
+    file = State()
+    confirm = State()
+
+
+class BulkCb(CallbackData, prefix="pb"):
+    action: str  # apply | cancel
+
+
+def _directory_for(settings: Settings) -> LdapDirectory | None:
+    if not settings.ldap_url:
+        return None
+    pw = settings.ldap_password.get_secret_value() if settings.ldap_password else ""
+    return LdapDirectory(settings.ldap_url, settings.ldap_base_dn, settings.ldap_bind_dn, pw)
+
+
+def render_plan(p: bulk_provision.BulkPlan, lang: str) -> str:
+    return t("prov.bulk_plan", lang, create=p.create[:20], n_create=len(p.create),
+             collisions=len(p.collisions), existing=p.existing[:10], n_existing=len(p.existing),
+             invalid=p.report.error_rows + len(p.invalid),
+             invalid_rows=[(r.row, t(r.note or "", lang)) for r in p.invalid[:10]]
+             + [(e.row, t(f"import.err.{e.code}", lang, value=e.value, column=e.column,
+                          **(e.detail or {}))) for e in p.report.errors[:10]])
+
+
+@router.message(Command("provision"), flags={"perm": "bulk_provision"})
+async def bulk_start(message: Message, state: FSMContext, lang: str) -> None:
+    await state.clear()
+    await state.set_state(ProvBulk.file)
+    await message.answer(t("prov.bulk_send_file", lang))
+
+
+@router.message(ProvBulk.file, F.document, flags={"perm": "bulk_provision"})
+async def bulk_file(message: Message, state: FSMContext, session: AsyncSession, bot: Bot,
+                    lang: str, settings: Settings) -> None:
+    doc = message.document
+    assert doc is not None
+    name = doc.file_name or "staff.csv"
+    if not name.lower().endswith((".csv", ".xlsx", ".txt")) or (
+            doc.file_size or 0) > BULK_MAX_BYTES:
+        await message.answer(t("prov.bulk_bad_file", lang, name=name))
+        return
+    buf = await bot.download(doc.file_id)
+    assert buf is not None
+    directory = _directory_for(settings)
+    try:
+        p = await bulk_provision.plan(session, directory, buf.read(), name,
+                                      pattern=settings.address_pattern,
+                                      mail_domain=settings.mail_domain)
+    except imports.ImportFileError as exc:
+        await state.clear()
+        await message.answer(t(f"import.file_err.{exc.code}", lang, **exc.detail))
+        return
+    except DirectoryUnavailable:
+        await message.answer(t("prov.err_unreachable", lang))
+        return
+    finally:
+        if directory is not None:
+            await directory.close()
+    await answer_long(message, render_plan(p, lang))
+    if not p.create:
+        await state.clear()
+        return
+    await state.set_state(ProvBulk.confirm)
+    await state.update_data(file_id=doc.file_id, file_name=name)
+    await ask(message, state, t("prov.bulk_confirm", lang, n=len(p.create)), [
+        Choice(t("btn.bulk_apply", lang, n=len(p.create)), BulkCb(action="apply").pack(),
+               ("tao", "create", "dong y")),
+        Choice(t("btn.cancel", lang), BulkCb(action="cancel").pack(), ("huy", "cancel")),
+    ])
+
+
+@router.message(ProvBulk.file, flags={"perm": "bulk_provision"})
+async def bulk_waiting(message: Message, lang: str) -> None:
+    await message.answer(t("prov.bulk_send_file", lang))
+
+
+@router.message(ProvBulk.confirm, TypedChoice(BulkCb), flags={"perm": "bulk_provision"})
+@router.callback_query(ProvBulk.confirm, BulkCb.filter(), flags={"perm": "bulk_provision"})
+async def bulk_apply(event: Message | CallbackQuery, callback_data: BulkCb, state: FSMContext,
+                     session: AsyncSession, bot: Bot, who: Who, lang: str, actor: Actor,
+                     settings: Settings, sessionmaker: async_sessionmaker[AsyncSession],
+                     post: PostCommit) -> None:
+    target = await reply_target(event)
+    data = await state.get_data()
+    await state.clear()
+    if callback_data.action != "apply" or "file_id" not in data:
+        await target.answer(t("common.cancelled", lang))
+        return
+    buf = await bot.download(data["file_id"])
+    assert buf is not None
+    batch, p = await bulk_provision.submit(session, buf.read(), data["file_name"], who.person,
+                                           actor, pattern=settings.address_pattern,
+                                           mail_domain=settings.mail_domain)
+    total = len(p.create)
+    progress = await target.answer(t("prov.bulk_progress", lang, done=0, total=total))
+
+    def watch() -> None:  # after the commit, so the task can see the jobs
+        task = asyncio.create_task(_watch_batch(bot, sessionmaker, batch, progress.chat.id,
+                                                progress.message_id, total, lang))
+        _watchers.add(task)
+        task.add_done_callback(_watchers.discard)
+
+    async def start() -> None:
+        watch()
+
+    post.add(start)
+
+
+async def _watch_batch(bot: Bot, maker: async_sessionmaker[AsyncSession], batch: str,
+                       chat_id: int, message_id: int, total: int, lang: str,
+                       every: float = 1.0, give_up: float = 6 * 3600) -> None:
+    """Edit the progress message in place until the batch is finished, then send the result
+    XLSX. Not durable: after a restart the jobs go on, /requests shows them."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + give_up
+    shown = 0
+    while loop.time() < end:
+        await asyncio.sleep(every)
+        async with maker() as s:
+            counts = await bulk_provision.batch_counts(s, batch)
+        finished = counts.get("done", 0) + counts.get("failed", 0)
+        if finished != shown:
+            shown = finished
+            with contextlib.suppress(TelegramAPIError):
+                await bot.edit_message_text(
+                    t("prov.bulk_progress", lang, done=finished, total=total),
+                    chat_id=chat_id, message_id=message_id)
+        if finished >= total:
+            break
+    async with maker() as s:
+        counts = await bulk_provision.batch_counts(s, batch)
+        content = await bulk_provision.result_xlsx(s, batch, lang)
+    with contextlib.suppress(TelegramAPIError):
+        await bot.send_document(chat_id, BufferedInputFile(content, f"{batch}.xlsx"),
+                                caption=t("prov.bulk_done", lang, done=counts.get("done", 0),
+                                          failed=counts.get("failed", 0), total=total))

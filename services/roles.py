@@ -42,6 +42,7 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("my_requests", VERIFIED, "requests"),
         Permission("approve_provisioning", APPROVERS, "approvals"),
         Permission("catalog", OPERATORS, "catalog"),
+        Permission("bulk_provision", OPERATORS, "provision"),
     )
 }
 

@@ -162,3 +162,39 @@ async def test_operator_domain_catalog_item(live_ldap, seeded_maker):
     unit = await eventually(seeded_maker, select(Unit).where(
         Unit.code == BEN_THANH, Unit.domain == "phuongbenthanh.hochiminhcity.gov.vn"))
     assert unit.old_domains == "benthanh.hochiminhcity.gov.vn"
+
+
+async def test_operator_bulk_file_with_progress_and_result(live_ldap, seeded_maker,
+                                                           slapd_server):
+    emu = live_ldap.emu
+    await add_person(seeded_maker, "Vận Hành", "+84900000933", SAI_GON, role="dtc_admin",
+                     telegram_id=OPERATOR_ID, verified=True)
+    emu.add_user(OPERATOR_ID, "Op")
+    csv = ("full_name,phone,unit_code,position\n"
+           "Nguyễn Văn Lợi,0912300001,26743,Văn thư\n"
+           "Nguyễn Văn Lợi,0912300002,26743,Chuyên viên\n"
+           "Trần Thị Mận,0912300003,26743,\n"
+           "Sai Số,12,26743,\n").encode()
+    [ask_file] = await say(emu, OPERATOR_ID, "/provision")
+    assert "CSV hoặc XLSX" in ask_file["text"]
+    since = len(emu.sent(OPERATOR_ID))
+    await emu.send_document(OPERATOR_ID, csv, "ds.csv")
+    msgs = await emu.wait_for_messages(OPERATOR_ID, count=2, since=since)
+    plan, confirm = msgs
+    assert "Sẽ tạo: 3 hộp thư (1 địa chỉ trùng" in plan["text"]
+    assert "loinv1@benthanh.hochiminhcity.gov.vn" in plan["text"]
+    assert "Dòng không hợp lệ: 1" in plan["text"]
+    assert ldap_search(slapd_server, "(objectClass=inetOrgPerson)") == []  # dry run
+    since = len(emu.sent(OPERATOR_ID))
+    [progress] = await press(emu, OPERATOR_ID, confirm, "Tạo 3 hộp thư")
+    assert "0/3" in progress["text"]
+    doc = await emu.wait_for_messages(OPERATOR_ID, since=since, timeout=30,
+                                      predicate=lambda m: m.get("document") is not None)
+    assert "3/3" in doc[0]["caption"]
+    edited = next(m for m in emu.sent(OPERATOR_ID) if m["message_id"] == progress["message_id"])
+    assert "3/3" in edited["text"]  # the progress message was edited in place
+    mails = sorted(e["mail"][0] for e in ldap_search(slapd_server, "(employeeNumber=*)",
+                                                    ["mail"]))
+    assert mails == ["loinv1@benthanh.hochiminhcity.gov.vn",
+                     "loinv@benthanh.hochiminhcity.gov.vn",
+                     "mantt@benthanh.hochiminhcity.gov.vn"]
