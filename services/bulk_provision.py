@@ -40,10 +40,13 @@ class BulkPlan:
 
 
 async def plan(session: AsyncSession, directory: Directory | None, data: bytes, filename: str,
-               *, pattern: str = DEFAULT_PATTERN, mail_domain: str | None = None) -> BulkPlan:
-    """What a bulk run would do; changes nothing (the staff import runs as a dry run)."""
-    report = await imports.import_staff(session, data, filename, Actor.system("dry-run"),
-                                        dry_run=True)
+               *, pattern: str = DEFAULT_PATTERN, mail_domain: str | None = None,
+               report: imports.ImportReport | None = None) -> BulkPlan:
+    """What a bulk run would do; changes nothing (the staff import runs as a dry run, unless
+    the caller already imported the file and passes its ``report``)."""
+    if report is None:
+        report = await imports.import_staff(session, data, filename, Actor.system("dry-run"),
+                                            dry_run=True)
     out = BulkPlan(report)
     bad_rows = {e.row for e in report.errors}
     table = imports.read_table(data, filename, imports.STAFF)
@@ -105,8 +108,9 @@ async def submit(session: AsyncSession, data: bytes, filename: str, operator: Pe
                  mail_domain: str | None = None) -> tuple[str, BulkPlan]:
     """Upsert the staff (valid rows only) and queue one email job per person who needs one,
     all in the caller's transaction; returns the batch id."""
-    p = await plan(session, None, data, filename, pattern=pattern, mail_domain=mail_domain)
-    await imports.import_staff(session, data, filename, actor, skip_invalid=True)
+    report = await imports.import_staff(session, data, filename, actor, skip_invalid=True)
+    p = await plan(session, None, data, filename, pattern=pattern, mail_domain=mail_domain,
+                   report=report)
     batch = f"bulk-{uuid.uuid4().hex[:12]}"
     phones = [r.phone for r in p.create]
     people = {x.phone: x for x in await session.scalars(
