@@ -198,3 +198,47 @@ async def test_operator_bulk_file_with_progress_and_result(live_ldap, seeded_mak
     assert mails == ["loinv1@benthanh.hochiminhcity.gov.vn",
                      "loinv@benthanh.hochiminhcity.gov.vn",
                      "mantt@benthanh.hochiminhcity.gov.vn"]
+
+
+async def test_system_account_with_role_needs_both_approvals(live_ldap, seeded_maker,
+                                                             slapd_server):
+    from db.models import Account
+    from services.directory import LdapDirectory, NewEntry
+
+    emu = live_ldap.emu
+    pid = await add_person(seeded_maker, "Đặng Thị Thu", "+84900000941", BEN_THANH,
+                           telegram_id=9141, verified=True)
+    await add_person(seeded_maker, "Lê Thị Quản", "+84900000942", BEN_THANH, role="unit_admin",
+                     telegram_id=9142, verified=True)
+    await add_person(seeded_maker, "Vận Hành", "+84900000943", SAI_GON, role="dtc_admin",
+                     telegram_id=OPERATOR_ID, verified=True)
+    d = LdapDirectory(slapd_server.url, BASE_DN, ADMIN_DN, ADMIN_PW)
+    await d.create(NewEntry(uid="thudt", mail="thudt@benthanh.hochiminhcity.gov.vn",
+                            full_name="Đặng Thị Thu", unit_code=BEN_THANH, employee=str(pid)),
+                   "Some-password-123")
+    await d.close()
+    async with seeded_maker() as s:
+        s.add(Account(person_id=pid, system_code="email", login="thudt", status="active",
+                      address="thudt@benthanh.hochiminhcity.gov.vn"))
+        await s.commit()
+    for uid, name in ((9141, "Thu"), (9142, "Quản"), (OPERATOR_ID, "Op")):
+        emu.add_user(uid, name)
+    [menu] = await say(emu, 9141, "/request")
+    [systems] = await press(emu, 9141, menu, "Tài khoản hệ thống")
+    assert any("QLVB" in b["text"] for b in buttons(systems))
+    [roles] = await say(emu, 9141, "qlvb")  # typed: the system's code
+    [summary] = await press(emu, 9141, roles, "văn thư")
+    assert "nhóm văn thư" in summary["text"] and "và bộ phận vận hành" in summary["text"]
+    before = (len(emu.sent(9142)), len(emu.sent(OPERATOR_ID)))
+    [sent] = await press(emu, 9141, summary, "Gửi yêu cầu")
+    assert "2 người duyệt" in sent["text"]
+    admin_card = await wait_text(emu, 9142, "tài khoản hệ thống", since=before[0])
+    op_card = await wait_text(emu, OPERATOR_ID, "tài khoản hệ thống", since=before[1])
+    [partly] = await press(emu, OPERATOR_ID, op_card, "Duyệt")
+    assert "còn chờ người duyệt khác" in partly["text"]
+    since = len(emu.sent(9141))
+    [ok] = await say(emu, 9142, "1")  # typed on the card: approve
+    assert "Bạn đã duyệt yêu cầu" in ok["text"] and admin_card
+    await wait_text(emu, 9141, "đã hoàn thành", since=since)
+    [group] = ldap_search(slapd_server, "(cn=qlvb-van_thu)", ["member"])
+    assert f"uid=thudt,ou={BEN_THANH},ou=units,{BASE_DN}" in group["member"]
