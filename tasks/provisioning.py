@@ -58,6 +58,7 @@ ACTOR = Actor.system("task:provisioning")
 LEASE = timedelta(minutes=5)
 MAX_BACKOFF = timedelta(hours=1)
 WARN_BEFORE = timedelta(days=7)
+REDELIVER_EVERY = timedelta(minutes=2)  # owners who registered after their mailbox was made
 _ALPHABET = string.ascii_letters + string.digits
 
 
@@ -131,12 +132,16 @@ class Provisioner:
     async def run(self, stop: asyncio.Event, interval: float = 1.0) -> None:
         """Until ``stop``: jobs, notices, and the daily sweeps (expiry, defunct units)."""
         last_sweep: datetime | None = None
+        last_redeliver: datetime | None = None
         while not stop.is_set():
             try:
                 now = self.clock()
                 if last_sweep is None or now - last_sweep > timedelta(hours=1):
                     await self.sweep()
                     last_sweep = now
+                if last_redeliver is None or now - last_redeliver > REDELIVER_EVERY:
+                    last_redeliver = now
+                    await self.redeliver()
                 busy = await self.run_once()
                 await self.send_notices()
             except Exception:
@@ -349,6 +354,8 @@ class Provisioner:
             now = self.clock()
             created: list[Account] = []
             bulk: list[tuple[ProvisioningRequest, Account, str, bool]] = []
+            chats = await self._chats(s, [j.person.id for j, _a, _p in items if j.person])
+            to_send: list[tuple[int, str, str, str, str]] = []  # account, chat, lang, addr, pw
             with s.no_autoflush:
                 for (j, acc, pw), res in zip(items, results, strict=True):
                     assert j.person is not None
@@ -366,8 +373,11 @@ class Provisioner:
                         acc.login = f"{acc.login}#x{acc.id}"[:120]  # frees the address
                         await self._mark_failed(s, j.req, "prov.err_directory", str(res))
                         continue
-                    sent = await self._deliver_password(s, j.person, acc.address or acc.login,
-                                                        pw)
+                    chat = chats.get(j.person.id)
+                    sent = chat is not None and self.messenger is not None
+                    if sent:
+                        assert chat is not None
+                        to_send.append((acc.id, chat[0], chat[1], acc.address or acc.login, pw))
                     del pw
                     created.append(acc)
                     if j.req.batch is not None:  # bulk: written below in a few statements
@@ -376,7 +386,6 @@ class Provisioner:
                     acc.status = AccountStatus.active.value
                     acc.dn = res.dn
                     acc.activated_at = now
-                    acc.password_sent_at = now if sent else None
                     await self._done(s, j.req, {"login": acc.login, "address": acc.address,
                                                 "dn": res.dn, "password_sent": sent},
                                      address=acc.address, sent=sent)
@@ -384,12 +393,86 @@ class Provisioner:
                     await self._done_bulk(s, bulk, now)
                 await self._parallel(s, created, now)
             await s.commit()
-            if self.on_progress is not None:
-                batch = next((j.req.batch for j in jobs if j.req.batch), None)
-                if batch:
-                    await _maybe_await(self.on_progress(batch, len(items) - len(retry),
-                                                        len(jobs)))
-            return retry
+        # Passwords go out after the commit, outside any transaction (a send must not hold the
+        # database); a crash before ``password_sent_at`` is written is repaired by
+        # :meth:`redeliver`, which issues a fresh password.
+        await self._send_passwords(to_send)
+        if self.on_progress is not None:
+            batch = next((j.req.batch for j in jobs if j.req.batch), None)
+            if batch:
+                await _maybe_await(self.on_progress(batch, len(items) - len(retry),
+                                                    len(jobs)))
+        return retry
+
+    async def _chats(self, s: AsyncSession, person_ids: list[int]) -> dict[int, tuple[str, str]]:
+        """Private chat and language of each person who has a Telegram identity."""
+        out: dict[int, tuple[str, str]] = {}
+        for i in range(0, len(person_ids), 500):
+            rows = await s.execute(
+                select(ChatIdentity.person_id, ChatIdentity.external_id, ChatIdentity.lang,
+                       Person.lang)
+                .join(Person, Person.id == ChatIdentity.person_id)
+                .where(ChatIdentity.person_id.in_(person_ids[i:i + 500]),
+                       ChatIdentity.channel == "telegram").order_by(ChatIdentity.id))
+            for pid, ext, ilang, plang in rows:
+                out[pid] = (ext, norm_lang(ilang or plang or self.default_lang))
+        return out
+
+    async def _send_passwords(self, items: list[tuple[int, str, str, str, str]]) -> None:
+        if self.messenger is None or not items:
+            return
+        sent: list[int] = []
+        for account_id, chat_id, lang, address, pw in items:
+            try:
+                ok = await self.messenger.send(chat_id, t("prov.password", lang, address=address,
+                                                          password=pw), protect=True)
+            except Exception as exc:  # never the text: it holds the password
+                log.warning("password for account %s not sent: %s", account_id,
+                            type(exc).__name__)
+                ok = False
+            if ok:
+                sent.append(account_id)
+        items.clear()
+        if sent:
+            async with self.maker() as s:
+                await s.execute(update(Account).where(Account.id.in_(sent))
+                                .values(password_sent_at=self.clock()))
+                await s.commit()
+
+    async def redeliver(self, limit: int = 100) -> int:
+        """Mailboxes we created whose password never reached the owner (no chat yet at
+        creation, a failed send, a crash before it was recorded): once the owner has a chat,
+        set a fresh temporary password and send it. Returns how many were sent."""
+        if self.messenger is None:
+            return 0
+        async with self.maker() as s:
+            rows = list(await s.execute(
+                select(Account.id, Account.login, Account.address, Account.person_id)
+                .join(ChatIdentity, and_(ChatIdentity.person_id == Account.person_id,
+                                         ChatIdentity.channel == "telegram"))
+                .where(Account.system_code == "email",
+                       Account.status == AccountStatus.active.value,
+                       Account.request_id.is_not(None), Account.password_sent_at.is_(None))
+                .distinct().limit(limit)))
+            chats = await self._chats(s, [r[3] for r in rows])
+        items = []
+        for account_id, login, address, person_id in rows:
+            pw = temp_password()
+            try:
+                await self.directory.set_password(login, pw, must_change=True)
+            except DirectoryUnavailable:
+                break
+            except DirectoryError:
+                log.warning("cannot reset the password of account %s", account_id)
+                continue
+            chat_id, lang = chats[person_id]
+            items.append((account_id, chat_id, lang, address or login, pw))
+            async with self.maker() as s:
+                await audit(s, ACTOR, "account.password_redelivered", "account", account_id)
+                await s.commit()
+        n = len(items)
+        await self._send_passwords(items)
+        return n
 
     async def _done_bulk(self, s: AsyncSession,
                          rows: list[tuple[ProvisioningRequest, Account, str, bool]],

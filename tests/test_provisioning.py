@@ -452,3 +452,30 @@ async def test_password_reset_and_deactivation(sessionmaker, directory, slapd_se
     async with sessionmaker() as s:
         statuses = set(await s.scalars(select(Account.status)))
         assert statuses == {"disabled"}
+
+
+async def test_password_reaches_owner_who_registers_later(sessionmaker, directory,
+                                                          slapd_server):
+    async with sessionmaker() as s:
+        await setup_units(s)
+        p = await person(s, "Nguyễn Văn An")  # on a staff list, no chat yet
+        await prov.create_email_batch(s, None, [p], actor=A, batch="b-late")
+        await s.commit()
+    chat = Recorder()
+    w = worker(sessionmaker, directory, messenger=chat)
+    await w.run_until_idle()
+    assert chat.sent == [] and await w.redeliver() == 0
+    async with sessionmaker() as s:
+        acc = await s.scalar(select(Account))
+        assert acc.status == "active" and acc.password_sent_at is None
+        s.add(ChatIdentity(channel="telegram", external_id="888", person_id=p.id))
+        await s.commit()
+    assert await w.redeliver() == 1
+    [(chat_id, text, protect)] = chat.sent
+    assert chat_id == "888" and protect is True
+    pw = text.split("<code>")[1].split("</code>")[0]
+    dn = f"uid=annv,ou={U1},ou=units,dc=hopnhat,dc=test"
+    conn = ldap3.Connection(ldap3.Server(slapd_server.url.rstrip("/")), dn, pw)
+    assert conn.bind()
+    conn.unbind()
+    assert await w.redeliver() == 0  # once
