@@ -84,13 +84,22 @@ class BotMessenger:
         self.bot = bot
 
     async def send(self, chat_id: str, text: str, *, protect: bool = False) -> bool:
-        from aiogram.exceptions import TelegramBadRequest, TelegramForbiddenError
+        from aiogram.exceptions import (
+            TelegramBadRequest,
+            TelegramForbiddenError,
+            TelegramRetryAfter,
+        )
 
-        try:
-            await self.bot.send_message(int(chat_id), text, protect_content=protect)
-        except (TelegramForbiddenError, TelegramBadRequest):
-            return False
-        return True
+        for _ in range(3):
+            try:
+                await self.bot.send_message(int(chat_id), text, protect_content=protect)
+            except TelegramRetryAfter as exc:  # flood control: wait as told, then again
+                await asyncio.sleep(exc.retry_after)
+                continue
+            except (TelegramForbiddenError, TelegramBadRequest):
+                return False  # blocked or unknown chat
+            return True
+        return False
 
 
 @dataclass
