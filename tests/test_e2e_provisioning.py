@@ -83,6 +83,23 @@ async def test_email_request_approved_and_created_in_ldap(live_ldap, seeded_make
     async with seeded_maker() as s:
         rows = list(await s.scalars(select(ProvisioningRequest)))
         assert len(rows) == 1 and rows[0].state == "done"
+    # password reset: the same form, approved by the unit admin, a new protected password
+    [menu] = await say(emu, 9101, "/request")
+    [summary] = await press(emu, 9101, menu, "Đặt lại mật khẩu")
+    since_admin = len(emu.sent(9102))
+    await press(emu, 9101, summary, "Gửi yêu cầu")
+    card = await wait_text(emu, 9102, "đặt lại mật khẩu", since=since_admin)
+    since = len(emu.sent(9101))
+    await press(emu, 9102, card, "Duyệt")
+    reset = await wait_text(emu, 9101, "đã được đặt lại", since=since)
+    assert reset["protect_content"] is True
+    new_pw = reset["text"].split("Mật khẩu tạm thời: ")[1].split("\n")[0].strip()
+    assert new_pw != password
+    import ldap3
+
+    conn = ldap3.Connection(ldap3.Server(slapd_server.url.rstrip("/")), entry["dn"], new_pw)
+    assert conn.bind()
+    conn.unbind()
 
 
 async def test_non_admin_for_other_unit_refused_and_reject_with_reason(live_ldap,
