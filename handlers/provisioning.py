@@ -41,6 +41,7 @@ from services.folding import fold
 from services.people import Who
 from services.phones import try_normalize_phone
 from services.texts import norm_lang, t
+from services.units import search_units
 
 router = Router(name=__name__)
 log = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ PERSONAL = (ProvKind.email, ProvKind.system_account, ProvKind.password_reset,
 
 class ProvForm(StatesGroup):
     kind = State()
+    unit = State()
     who = State()
     staff = State()
     system = State()
@@ -70,6 +72,10 @@ class ProvOutcome(StatesGroup):
 
 class KindCb(CallbackData, prefix="pk"):
     kind: str
+
+
+class UnitPickCb(CallbackData, prefix="pu"):
+    code: str
 
 
 class ForCb(CallbackData, prefix="pf"):
@@ -143,12 +149,12 @@ async def on_kind(event: Message | CallbackQuery, callback_data: KindCb, state: 
     assert who.person is not None
     await state.update_data(kind=kind.value)
     if kind in (ProvKind.e_id_code, ProvKind.domain):
-        await state.update_data(unit_code=who.person.unit_code)
-        if kind is ProvKind.domain:
-            await state.set_state(ProvForm.domain)
-            await target.answer(t("prov.ask_domain", lang))
+        if who.role == "dtc_admin":  # operators may ask for any unit: look it up first
+            await state.set_state(ProvForm.unit)
+            await target.answer(t("prov.ask_unit", lang))
             return
-        await _confirm(target, state, session, lang)
+        await state.update_data(unit_code=who.person.unit_code)
+        await _after_unit(target, state, session, lang)
         return
     if _is_admin(who):
         await state.set_state(ProvForm.who)
@@ -159,6 +165,41 @@ async def on_kind(event: Message | CallbackQuery, callback_data: KindCb, state: 
         return
     await state.update_data(subject_id=who.person.id)
     await _after_subject(target, state, session, lang)
+
+
+async def _after_unit(target: Message, state: FSMContext, session: AsyncSession,
+                      lang: str) -> None:
+    if (await state.get_data()).get("kind") == ProvKind.domain.value:
+        await state.set_state(ProvForm.domain)
+        await target.answer(t("prov.ask_domain", lang))
+        return
+    await _confirm(target, state, session, lang)
+
+
+@router.message(ProvForm.unit, TypedChoice(UnitPickCb), flags={"perm": "request_account"})
+@router.callback_query(ProvForm.unit, UnitPickCb.filter(), flags={"perm": "request_account"})
+async def on_unit_pick(event: Message | CallbackQuery, callback_data: UnitPickCb,
+                       state: FSMContext, session: AsyncSession, lang: str) -> None:
+    target = await reply_target(event)
+    unit = await session.get(Unit, callback_data.code)
+    if unit is None or not unit.active:
+        await target.answer(t("common.stale_button", lang))
+        return
+    await state.update_data(unit_code=unit.code)
+    await _after_unit(target, state, session, lang)
+
+
+@router.message(ProvForm.unit, F.text, flags={"perm": "request_account"})
+async def on_unit_query(message: Message, state: FSMContext, session: AsyncSession,
+                        lang: str) -> None:
+    query = (message.text or "").strip()[:200]
+    found = await search_units(session, query, include_defunct=False, limit=STAFF_PAGE)
+    if not found.items:
+        await message.answer(t("prov.unit_none", lang, query=query))
+        return
+    await ask(message, state, t("prov.pick_unit", lang), [
+        Choice(f"{u.name}{' — ' + u.province_name if u.province_name else ''}",
+               UnitPickCb(code=u.code).pack()) for u in found.items])
 
 
 @router.message(ProvForm.who, TypedChoice(ForCb), flags={"perm": "request_account"})

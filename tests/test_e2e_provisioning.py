@@ -179,6 +179,19 @@ async def test_operator_domain_catalog_item(live_ldap, seeded_maker):
     unit = await eventually(seeded_maker, select(Unit).where(
         Unit.code == BEN_THANH, Unit.domain == "phuongbenthanh.hochiminhcity.gov.vn"))
     assert unit.old_domains == "benthanh.hochiminhcity.gov.vn"
+    # an operator asks an e-ID code for any unit: looked up by name, approved at once
+    [menu] = await say(emu, OPERATOR_ID, "/request")
+    [ask_unit] = await press(emu, OPERATOR_ID, menu, "Mã định danh")
+    assert "Gõ tên đơn vị" in ask_unit["text"]
+    [found] = await say(emu, OPERATOR_ID, "phuong ben thanh")
+    [summary] = await press(emu, OPERATOR_ID, found, "Phường Bến Thành")
+    assert "Đơn vị: Phường Bến Thành" in summary["text"]
+    [sent] = await press(emu, OPERATOR_ID, summary, "Gửi yêu cầu")
+    assert "đang thực hiện" in sent["text"]  # approved at once: on the checklist
+    async with seeded_maker() as s:
+        req = await s.scalar(select(ProvisioningRequest).where(
+            ProvisioningRequest.kind == "e_id_code"))
+        assert req.unit_code == BEN_THANH and req.state == "in_progress"
 
 
 async def test_operator_bulk_file_with_progress_and_result(live_ldap, seeded_maker,
