@@ -188,10 +188,9 @@ async def test_operator_domain_catalog_item(live_ldap, seeded_maker):
     assert "Đơn vị: Phường Bến Thành" in summary["text"]
     [sent] = await press(emu, OPERATOR_ID, summary, "Gửi yêu cầu")
     assert "đang thực hiện" in sent["text"]  # approved at once: on the checklist
-    async with seeded_maker() as s:
-        req = await s.scalar(select(ProvisioningRequest).where(
-            ProvisioningRequest.kind == "e_id_code"))
-        assert req.unit_code == BEN_THANH and req.state == "in_progress"
+    req = await eventually(seeded_maker, select(ProvisioningRequest).where(
+        ProvisioningRequest.kind == "e_id_code"))  # the reply comes before the commit
+    assert req.unit_code == BEN_THANH and req.state == "in_progress"
 
 
 async def test_operator_bulk_file_with_progress_and_result(live_ldap, seeded_maker,
