@@ -159,21 +159,31 @@ class LdapDirectory:
             with contextlib.suppress(Exception):  # the socket is gone anyway
                 conn.unbind()
 
+    _SOCKET_ERRORS = (lexc.LDAPCommunicationError, lexc.LDAPSocketOpenError,
+                      lexc.LDAPSessionTerminatedByServerError, lexc.LDAPSocketReceiveError,
+                      lexc.LDAPSocketSendError, lexc.LDAPSocketCloseError,
+                      lexc.LDAPResponseTimeoutError, OSError)
+
     def _sync(self, fn: Callable[[ldap3.Connection], T]) -> T:
+        """Run ``fn`` on the connection. A connection that was open but died (the server
+        restarted) is replaced and ``fn`` tried once more — every operation here is safe to
+        repeat; a second failure, or no server at all, is :class:`DirectoryUnavailable`."""
         with self._lock:
-            try:
-                conn = self._connect()
-                result = fn(conn)
-            except (lexc.LDAPCommunicationError, lexc.LDAPSocketOpenError,
-                    lexc.LDAPSessionTerminatedByServerError, lexc.LDAPSocketReceiveError,
-                    lexc.LDAPSocketSendError, lexc.LDAPSocketCloseError,
-                    lexc.LDAPResponseTimeoutError, OSError) as exc:
-                self._drop()
-                raise DirectoryUnavailable(type(exc).__name__) from None
-            except DirectoryUnavailable:
-                self._drop()
-                raise
-            return result
+            for attempt in (1, 2):
+                had_connection = self._conn is not None
+                try:
+                    return fn(self._connect())
+                except self._SOCKET_ERRORS as exc:
+                    self._drop()
+                    if attempt == 1 and had_connection:
+                        continue
+                    raise DirectoryUnavailable(type(exc).__name__) from None
+                except DirectoryUnavailable:
+                    self._drop()
+                    if attempt == 1 and had_connection:
+                        continue
+                    raise
+            raise DirectoryUnavailable("unreachable")  # pragma: no cover - loop returns
 
     async def _run(self, fn: Callable[[ldap3.Connection], T]) -> T:
         return await asyncio.to_thread(self._sync, fn)

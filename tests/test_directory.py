@@ -99,3 +99,21 @@ async def test_groups_and_deactivation_keep_the_entry(directory, slapd_server):
     assert g["member"] == ["cn=admin,dc=hopnhat,dc=test"]
     user = ldap3.Connection(ldap3.Server(slapd_server.url.rstrip("/")), e.dn, "Tmp-pass-123456")
     assert not user.bind()  # locked
+
+
+async def test_server_restart_is_transparent_and_outage_is_reported(directory, slapd_server):
+    from services.directory import DirectoryUnavailable
+
+    await directory.ensure_unit("u9", "Đơn vị chín")
+    slapd_server.stop()
+    slapd_server.start()  # the open connection is dead now: replaced, the call succeeds
+    assert await directory.get("nobody") is None
+    slapd_server.stop()
+    try:
+        with pytest.raises(DirectoryUnavailable):
+            await directory.get("nobody")
+        with pytest.raises(DirectoryUnavailable):
+            await directory.taken_uids("an")
+    finally:
+        slapd_server.start()
+    assert await directory.taken_uids("an") == set()
