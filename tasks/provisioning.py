@@ -127,6 +127,7 @@ class Provisioner:
     # prefix is searched once per process, not once per chunk (a conflict forgets it)
     _taken: set[str] = field(default_factory=set)
     _asked: set[str] = field(default_factory=set)
+    _alerted: set[str] = field(default_factory=set)  # batches operators were alerted about
 
     @classmethod
     def from_settings(cls, maker: async_sessionmaker[AsyncSession], directory: Directory,
@@ -211,6 +212,10 @@ class Provisioner:
             for rid in ids:
                 await self._fail(rid, code, str(exc))
             return
+        except Exception as exc:  # a bug or the database: retried, failed after the last try
+            log.exception("provisioning jobs %s", ids[:5])
+            await self._back_off(ids, type(exc).__name__)
+            return
         if left:
             await self._back_off(left, "directory unavailable")
 
@@ -249,8 +254,13 @@ class Provisioner:
         req.result = {"error": code}
         await audit(s, ACTOR, "provisioning.failed", "provisioning_request", req.id,
                     after={"error": code, "attempts": req.attempts})
-        await prov.notice(s, req.requester_id, "prov.n_failed", req.id, id=req.id,
-                          kind=req.kind, error=code)
+        if req.batch is not None:  # a bulk run: its operator sees the counts; alert once
+            if req.batch in self._alerted:
+                return
+            self._alerted.add(req.batch)
+        else:
+            await prov.notice(s, req.requester_id, "prov.n_failed", req.id, id=req.id,
+                              kind=req.kind, error=code)
         for op in await prov.operators(s):
             await prov.notice(s, op.id, "prov.alert_failed", req.id, id=req.id, kind=req.kind,
                               error=code, detail=error[:200], attempts=req.attempts)
