@@ -81,6 +81,7 @@ def create_dispatcher(
         fallback,
         imports,
         knowledge,
+        provisioning,
         registration,
         start,
         status,
@@ -108,6 +109,7 @@ def create_dispatcher(
         status.router,
         support.router,
         tickets.router,
+        provisioning.router,
         knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )
@@ -127,24 +129,24 @@ class App:
     inbox: Inbox
     menu: CommandMenu
     desk: Desk
-    workers: list[asyncio.Task[None]] = field(default_factory=list)
-    workers_stop: asyncio.Event = field(default_factory=asyncio.Event)
+    background: list[asyncio.Task[None]] = field(default_factory=list)
+    stop_background: asyncio.Event = field(default_factory=asyncio.Event)
 
     def start_workers(self) -> None:
-        """Background loops that run beside the update handling (here: the support desk)."""
+        """Background loops beside the update handling: the support desk and provisioning."""
+        from tasks.provisioning import start_provisioning
+
         worker = TicketWorker(self.maker, self.desk.publish, self.desk.sla_scan,
                               self.desk.wakeup, self.settings.ticket_scan_seconds)
-        self.workers.append(asyncio.create_task(worker.run(self.workers_stop)))
-
-    async def stop_workers(self) -> None:
-        self.workers_stop.set()
-        for task in self.workers:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(task, 10)
-        self.workers.clear()
+        self.background.append(asyncio.create_task(worker.run(self.stop_background)))
+        start_provisioning(self)
 
     async def close(self) -> None:
-        await self.stop_workers()
+        self.stop_background.set()
+        for task in self.background:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 15)
+        self.background.clear()
         await self.inbox.drain()
         await self.bot.session.close()
         await self.engine.dispose()

@@ -295,6 +295,124 @@ def faq_import(file: Path) -> None:
     typer.echo(f"added {len(result['added'])}, edited {len(result['updated'])}")
 
 
+def _directory(settings: Settings):  # type: ignore[no-untyped-def]
+    from services.directory import LdapDirectory
+
+    if not settings.ldap_url:
+        return None
+    password = settings.ldap_password.get_secret_value() if settings.ldap_password else ""
+    return LdapDirectory(settings.ldap_url, settings.ldap_base_dn, settings.ldap_bind_dn,
+                         password)
+
+
+def _print_plan(p, lang: str) -> None:  # type: ignore[no-untyped-def]
+    from handlers.imports import render_report
+    from services import texts
+
+    if p.report.errors:
+        typer.echo(texts.strip_html(render_report(p.report, lang)))
+    typer.echo(f"accounts to create: {len(p.create)}")
+    for r in p.create[:50]:
+        mark = "  (numbered: address taken)" if r in p.collisions else ""
+        typer.echo(f"  row {r.row}: {r.full_name} → {r.address}{mark}")
+    typer.echo(f"address collisions: {len(p.collisions)}")
+    typer.echo(f"already have an account: {len(p.existing)}")
+    for r in p.existing[:50]:
+        typer.echo(f"  row {r.row}: {r.full_name} ({r.address})")
+    typer.echo(f"invalid rows: {p.report.error_rows + len(p.invalid)}")
+    for r in p.invalid[:50]:
+        typer.echo(f"  row {r.row}: {r.full_name}: {texts.t(r.note or '', lang)}")
+
+
+@app.command("provision")
+def provision(
+    file: Path, dry_run: DryOpt = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Result XLSX (addresses).")] = None,
+) -> None:
+    """Official mailboxes for everyone on a staff list (CSV/XLSX): dry run, or create them
+    in the directory with progress, then write a result XLSX of addresses (no passwords)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    if not file.is_file():
+        typer.secho(f"File not found: {file}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    directory = _directory(settings)
+    if directory is None and not dry_run:
+        typer.secho("HOPNHAT_LDAP_URL: required to create accounts", fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(2)
+    data = file.read_bytes()
+    lang = settings.default_lang
+    result_path = out or file.with_name(file.stem + "-accounts.xlsx")
+
+    async def go() -> int:
+        from db.migrate import upgrade_async
+        from db.session import make_engine, make_sessionmaker
+        from services import bulk_provision, imports, texts
+        from services.audit import Actor
+        from services.directory import DirectoryUnavailable
+        from tasks.provisioning import Provisioner
+
+        await upgrade_async(settings.database_url)
+        engine = make_engine(settings.database_url)
+        maker = make_sessionmaker(engine)
+        actor = Actor.system("cli:provision")
+        try:
+            async with maker() as s:
+                try:
+                    if dry_run:
+                        try:
+                            p = await bulk_provision.plan(
+                                s, directory, data, file.name, pattern=settings.address_pattern,
+                                mail_domain=settings.mail_domain)
+                        except DirectoryUnavailable:
+                            typer.secho("Directory unreachable: collisions checked against "
+                                        "the database only.", fg=typer.colors.YELLOW)
+                            p = await bulk_provision.plan(
+                                s, None, data, file.name, pattern=settings.address_pattern,
+                                mail_domain=settings.mail_domain)
+                        _print_plan(p, lang)
+                        typer.secho("Dry run: nothing changed.", fg=typer.colors.YELLOW)
+                        return 0
+                    batch, p = await bulk_provision.submit(
+                        s, data, file.name, None, actor, pattern=settings.address_pattern,
+                        mail_domain=settings.mail_domain)
+                    await s.commit()
+                except imports.ImportFileError as exc:
+                    typer.secho(texts.t(f"import.file_err.{exc.code}", lang, **exc.detail),
+                                fg=typer.colors.RED, err=True)
+                    return 2
+            _print_plan(p, lang)
+            total = len(p.create)
+            done = 0
+
+            def progress(_batch: str, n: int, _chunk: int) -> None:
+                nonlocal done
+                done += n
+                typer.echo(texts.strip_html(texts.t("prov.bulk_progress", lang, done=done,
+                                                    total=total)))
+
+            worker = Provisioner.from_settings(maker, directory, settings)
+            worker.on_progress = progress
+            await worker.run_until_idle()
+            async with maker() as s:
+                counts = await bulk_provision.batch_counts(s, batch)
+                result_path.write_bytes(await bulk_provision.result_xlsx(s, batch, lang))
+            typer.echo(f"batch {batch}: " + ", ".join(f"{k} {v}" for k, v in
+                                                      sorted(counts.items())))
+            typer.echo(f"Result written to {result_path}")
+            waiting = sum(v for k, v in counts.items() if k not in ("done", "failed"))
+            if waiting:
+                typer.secho(f"{waiting} jobs wait for the directory; the bot's task retries "
+                            "them.", fg=typer.colors.YELLOW)
+            return 0 if not waiting and not counts.get("failed") else 1
+        finally:
+            await directory.close() if directory is not None else None
+            await engine.dispose()
+
+    raise typer.Exit(asyncio.run(go()))
+
+
 @config_app.command("show")
 def config_show() -> None:
     """Print the effective configuration with secrets masked."""

@@ -51,6 +51,16 @@ class Settings(BaseSettings):
     ticket_scan_seconds: float = Field(default=30.0, gt=0, le=3600)
     incident_window_minutes: int = Field(default=60, ge=1, le=7 * 24 * 60)
     incident_threshold: int = Field(default=3, ge=2, le=1000)
+    # provisioning (issue 5): the LDAP directory accounts are created in
+    ldap_url: str | None = None
+    ldap_base_dn: str = "dc=hopnhat,dc=gov,dc=vn"
+    ldap_bind_dn: str = "cn=admin,dc=hopnhat,dc=gov,dc=vn"
+    ldap_password: SecretStr | None = None
+    address_pattern: str = "{given}{initials}"
+    mail_domain: str | None = None
+    parallel_days: int = Field(default=90, ge=1, le=3650)
+    prov_max_attempts: int = Field(default=6, ge=1, le=100)
+    prov_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
 
     @field_validator("bot_token", mode="before")
     @classmethod
@@ -112,6 +122,23 @@ class Settings(BaseSettings):
                 raise ValueError(f"expected numeric Telegram ids, comma separated; got {bad[0]!r}")
             return [int(p) for p in parts]
         return v
+
+    @field_validator("ldap_url")
+    @classmethod
+    def _check_ldap_url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        v = v.strip()
+        if not re.match(r"^ldaps?://[^/\s]+/?$", v):
+            raise ValueError("expected ldap://host:port or ldaps://host:port")
+        return v
+
+    @field_validator("address_pattern")
+    @classmethod
+    def _check_pattern(cls, v: str) -> str:
+        from services.addresses import check_pattern
+
+        return check_pattern(v)
 
     @property
     def tz(self) -> ZoneInfo:

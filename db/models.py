@@ -417,3 +417,112 @@ class SupportGroup(Base):
     active: Mapped[bool] = mapped_column(Boolean, default=True)
     configured_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
     configured_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# --- provisioning (issue 5): requests, durable jobs, accounts, notices -------------------
+
+
+class ProvKind(enum.StrEnum):
+    email = "email"
+    system_account = "system_account"
+    password_reset = "password_reset"
+    deprovision = "deprovision"
+    e_id_code = "e_id_code"
+    domain = "domain"
+
+
+class ProvState(enum.StrEnum):
+    submitted = "submitted"
+    approved = "approved"
+    rejected = "rejected"
+    in_progress = "in_progress"
+    done = "done"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+class AccountStatus(enum.StrEnum):
+    pending = "pending"
+    active = "active"
+    disabled = "disabled"
+
+
+class ProvisioningRequest(Base):
+    """A request for an account action; once approved it is also the durable job that the
+    provisioning task executes (attempts, next try, last error, result)."""
+
+    __tablename__ = "provisioning_requests"
+    __table_args__ = (
+        _enum_check("kind", "kind", ProvKind),
+        _enum_check("state", "state", ProvState),
+        Index("ix_provisioning_requests_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    state: Mapped[str] = mapped_column(String(16), default=ProvState.submitted.value)
+    requester_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"), index=True)
+    subject_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"), index=True)
+    unit_code: Mapped[str | None] = mapped_column(ForeignKey("units.code"), index=True)
+    system_code: Mapped[str | None] = mapped_column(String(32))
+    role: Mapped[str | None] = mapped_column(String(40))
+    payload: Mapped[dict[str, Any] | None]
+    needs_unit_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    needs_operator: Mapped[bool] = mapped_column(Boolean, default=False)
+    unit_approved_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    operator_approved_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    decided_at: Mapped[datetime | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+    batch: Mapped[str | None] = mapped_column(String(40), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[dict[str, Any] | None]
+    checklist: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None]
+
+
+class Account(Base):
+    """An account of a person in a system (``email`` or a system code) as provisioned."""
+
+    __tablename__ = "accounts"
+    __table_args__ = (
+        UniqueConstraint("system_code", "login", name="system_login"),
+        _enum_check("status", "status", AccountStatus),
+        Index("ix_accounts_expiry", "status", "expires_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    person_id: Mapped[int] = mapped_column(ForeignKey("people.id"), index=True)
+    system_code: Mapped[str] = mapped_column(String(32))
+    login: Mapped[str] = mapped_column(String(120))
+    address: Mapped[str | None] = mapped_column(String(200))
+    dn: Mapped[str | None] = mapped_column(Text)
+    role: Mapped[str | None] = mapped_column(String(40))
+    status: Mapped[str] = mapped_column(String(12), default=AccountStatus.pending.value)
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("provisioning_requests.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    activated_at: Mapped[datetime | None]
+    password_sent_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime | None]
+    warned_at: Mapped[datetime | None]
+    disabled_at: Mapped[datetime | None]
+
+
+class ProvNotice(Base):
+    """A message the bot owes someone about provisioning (state changes, operator alerts,
+    expiry warnings); sent by the provisioning task, marked sent. Never holds a password."""
+
+    __tablename__ = "prov_notices"
+    __table_args__ = (Index("ix_prov_notices_unsent", "sent_at", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    person_id: Mapped[int] = mapped_column(ForeignKey("people.id"), index=True)
+    key: Mapped[str] = mapped_column(String(80))
+    params: Mapped[dict[str, Any] | None]
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("provisioning_requests.id"))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]

@@ -343,7 +343,7 @@ def _tell_group(post: PostCommit, desk: Desk, result: tickets.ActResult, key: st
 RELAYED = {"text", "photo", "document", "video", "audio", "voice", "animation"}
 
 
-class PickCb(CallbackData, prefix="pk"):
+class PickCb(CallbackData, prefix="tkp"):
     code: str  # the ticket the message belongs to; "-" = it is a question, not for a ticket
 
 

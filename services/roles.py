@@ -44,6 +44,12 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("queue", AGENTS, "queue"),
         Permission("ticketstats", OPERATORS, "ticketstats"),
         Permission("supportgroup", OPERATORS, "supportgroup"),
+        # provisioning (issue 5)
+        Permission("request_account", VERIFIED, "request"),
+        Permission("my_requests", VERIFIED, "requests"),
+        Permission("approve_provisioning", APPROVERS, "approvals"),
+        Permission("catalog", OPERATORS, "catalog"),
+        Permission("bulk_provision", OPERATORS, "provision"),
     )
 }
 

@@ -142,3 +142,27 @@ async def live(emu, seeded_maker, db_url):
     bot = await LiveBot(emu, settings_for(f"http://127.0.0.1:{emu.port}", db_url)).start()
     yield bot
     await bot.stop()
+
+
+@pytest.fixture(scope="session")
+def slapd_server():
+    """A throwaway OpenLDAP server (own config, mdb, ppolicy) for the whole test session."""
+    from tests.ldap_server import SlapdServer
+
+    server = SlapdServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+async def directory(slapd_server):
+    """The real LDAP directory, emptied of people and groups before each test."""
+    from services.directory import LdapDirectory
+    from tests.ldap_server import ADMIN_DN, ADMIN_PW, BASE_DN, wipe_directory
+
+    if slapd_server.proc is None:
+        slapd_server.start()
+    wipe_directory(slapd_server)
+    d = LdapDirectory(slapd_server.url, BASE_DN, ADMIN_DN, ADMIN_PW)
+    yield d
+    await d.close()

@@ -64,3 +64,18 @@ def test_config_show_masks_secrets(tmp_path) -> None:
                          env=env, capture_output=True, text=True, timeout=60).stdout
     assert "HOPNHAT_BOT_TOKEN=123456:****" in out
     assert "TOPtoken" not in out and "hush" not in out and "pgpass" not in out
+
+
+def test_ldap_settings_validated_and_password_masked(tmp_path) -> None:
+    from bot.config import ConfigError, load_settings
+
+    s = load_settings(ldap_url="ldap://127.0.0.1:389", ldap_password="dir-secret-123")
+    assert s.masked()["HOPNHAT_LDAP_PASSWORD"] == "****"
+    assert "dir-secret" not in repr(s.masked())
+    for field, bad in (("ldap_url", "http://x"), ("address_pattern", "{given}{nick}")):
+        try:
+            load_settings(**{field: bad})
+        except ConfigError as exc:
+            assert f"HOPNHAT_{field.upper()}" in str(exc)
+        else:
+            raise AssertionError(f"{field}={bad!r} accepted")
