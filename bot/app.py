@@ -85,12 +85,13 @@ def create_dispatcher(
     )
     from knowledge.store import load_knowledge
 
-    dp = Dispatcher(storage=DbStorage(maker), settings=settings, sessionmaker=maker, menu=menu,
+    storage = DbStorage(maker)
+    dp = Dispatcher(storage=storage, settings=settings, sessionmaker=maker, menu=menu,
                     kb=load_knowledge(settings.data_dir))
     # The DB session opens before aiogram's FSM middleware reads the state, so the state is
     # read and written in the update's one transaction (one connection per update).
     dp.update.outer_middleware.unregister(dp.fsm)
-    dp.update.outer_middleware(DbSessionMiddleware(maker))
+    dp.update.outer_middleware(DbSessionMiddleware(maker, storage))
     dp.update.outer_middleware(dp.fsm)
     dp.update.outer_middleware(WhoMiddleware(settings))
     for observer in (dp.message, dp.edited_message, dp.callback_query, dp.inline_query):
