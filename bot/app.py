@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -29,8 +30,15 @@ from bot.config import ConfigError, Settings
 from bot.fsm_storage import DbStorage
 from bot.inbox import Inbox
 from bot.middlewares import DbSessionMiddleware, RoleMiddleware, WhoMiddleware
-from db.session import make_engine, make_sessionmaker
+from db.session import (
+    add_change_listener,
+    listen_for_changes,
+    make_engine,
+    make_sessionmaker,
+    remove_change_listener,
+)
 from services import texts
+from services.people import WhoCache
 
 log = logging.getLogger("hopnhat")
 POLL_TIMEOUT = 25
@@ -71,7 +79,8 @@ def create_bot(settings: Settings) -> Bot:
 
 
 def create_dispatcher(
-    settings: Settings, maker: async_sessionmaker[AsyncSession], menu: CommandMenu
+    settings: Settings, maker: async_sessionmaker[AsyncSession], menu: CommandMenu,
+    who_cache: WhoCache | None = None,
 ) -> Dispatcher:
     from handlers import (
         approvals,
@@ -93,7 +102,7 @@ def create_dispatcher(
     dp.update.outer_middleware.unregister(dp.fsm)
     dp.update.outer_middleware(DbSessionMiddleware(maker, storage))
     dp.update.outer_middleware(dp.fsm)
-    dp.update.outer_middleware(WhoMiddleware(settings))
+    dp.update.outer_middleware(WhoMiddleware(settings, who_cache))
     for observer in (dp.message, dp.edited_message, dp.callback_query, dp.inline_query):
         observer.middleware(RoleMiddleware())
     routers = (
@@ -121,11 +130,35 @@ class App:
     dp: Dispatcher
     inbox: Inbox
     menu: CommandMenu
+    who_cache: WhoCache
+    _unlisten: Callable[[], Awaitable[None]] | None = None
 
     async def close(self) -> None:
         await self.inbox.drain()
+        self.who_cache.enabled = False
+        remove_change_listener(self.engine, self.who_cache.changed)
+        if self._unlisten is not None:
+            await self._unlisten()
         await self.bot.session.close()
         await self.engine.dispose()
+
+    async def enable_who_cache(self) -> None:
+        """Cache senders only once changes by other processes reach us: LISTEN on
+        PostgreSQL, ``PRAGMA data_version`` per received batch on SQLite (bot/inbox.py)."""
+        cache = self.who_cache
+
+        def lost() -> None:
+            if cache.enabled:
+                log.warning("change notifications lost: sender cache off")
+            cache.enabled = False
+            cache.changed()
+
+        if self.engine.dialect.name == "postgresql":
+            self._unlisten = await listen_for_changes(self.engine, cache.changed, lost)
+        elif self.engine.dialect.name != "sqlite":
+            return
+        cache.changed()
+        cache.enabled = True
 
 
 def build_app(settings: Settings) -> App:
@@ -134,8 +167,11 @@ def build_app(settings: Settings) -> App:
     maker = make_sessionmaker(engine)
     bot = create_bot(settings)
     menu = CommandMenu(bot, settings.default_lang)
-    dp = create_dispatcher(settings, maker, menu)
-    return App(settings, engine, maker, bot, dp, Inbox(dp, bot, maker), menu)
+    who_cache = WhoCache()
+    add_change_listener(engine, who_cache.changed)
+    dp = create_dispatcher(settings, maker, menu, who_cache)
+    inbox = Inbox(dp, bot, maker, on_outside_change=who_cache.changed)
+    return App(settings, engine, maker, bot, dp, inbox, menu, who_cache)
 
 
 async def _startup(app: App) -> None:
@@ -149,6 +185,7 @@ async def _startup(app: App) -> None:
 
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
+    await app.enable_who_cache()
 
 
 class RawPoller:

@@ -21,7 +21,7 @@ from bot.fsm_storage import DbStorage, current_session
 from db.models import InboxUpdate, utcnow
 from services import roles
 from services.audit import Actor
-from services.people import load_who
+from services.people import WhoCache, load_who
 from services.texts import norm_lang, t
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,9 @@ _MARK_DONE = (
 class WhoMiddleware(BaseMiddleware):
     """Loads the sender's identity, person and unit; sets ``who``, ``lang`` and ``actor``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cache: WhoCache | None = None) -> None:
         self.settings = settings
+        self.cache = cache
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         user: User | None = data.get("event_from_user")
@@ -103,7 +104,8 @@ class WhoMiddleware(BaseMiddleware):
         data["actor"] = Actor.system("telegram:unknown")
         if user is not None and not user.is_bot:
             name = " ".join(p for p in (user.first_name, user.last_name) if p)
-            who = await load_who(data["session"], CHANNEL, str(user.id), name, user.username)
+            who = await load_who(data["session"], CHANNEL, str(user.id), name, user.username,
+                                 self.cache)
             data["who"] = who
             data["lang"] = norm_lang(who.lang or self.settings.default_lang)
             data["actor"] = Actor(

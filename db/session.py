@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from sqlalchemy import event
+from sqlalchemy import TextClause, event, inspect
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import ORMExecuteState, Session
 
 
 def make_engine(url: str, *, immediate: bool = False, **kwargs: Any) -> AsyncEngine:
@@ -20,8 +23,16 @@ def make_engine(url: str, *, immediate: bool = False, **kwargs: Any) -> AsyncEng
     A deferred transaction that reads and then writes fails at once ("database is locked")
     when another writer committed in between; serializing writers up front avoids that.
     Read-only tools and tests keep deferred transactions so they never wait.
+    The bot's SQLite engine also keeps ONE connection: its transactions are serialized
+    anyway, and waiting for the pool wakes the next one the moment the previous commits,
+    where waiting on SQLite's lock polls with sleeps (lost throughput); one connection
+    also lets ``PRAGMA data_version`` tell other processes' commits from our own.
     """
     if url.startswith("sqlite"):
+        if immediate and ":memory:" not in url:
+            kwargs.setdefault("pool_size", 1)
+            kwargs.setdefault("max_overflow", 0)
+            kwargs.setdefault("pool_timeout", 300)
         engine = create_async_engine(url, connect_args={"timeout": 30}, **kwargs)
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -48,3 +59,127 @@ def make_engine(url: str, *, immediate: bool = False, **kwargs: Any) -> AsyncEng
 
 def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# --------------------------------------------------------------------------- change signals
+# In-process caches of rows (the sender's identity, person and unit: services/people.py)
+# must hear of every change to those rows. All writes of the project go through ORM
+# sessions, so session events see them: ORM flushes and Core statements run on a session.
+# After the transaction ends, listeners registered for the same database in this process
+# are called at once; on PostgreSQL the transaction also sends NOTIFY (delivered on commit)
+# for caches in other processes (see ``listen_for_changes``). Writes that bypass sessions
+# (psql, an Alembic data migration) are not seen: restart the bot or ``NOTIFY hopnhat_rows``.
+
+WATCHED_TABLES = frozenset({"people", "chat_identities", "units"})
+TOUCH_COLUMNS = frozenset({"last_seen_at", "display_name", "username"})  # nobody caches them
+NOTIFY_CHANNEL = "hopnhat_rows"
+PROCESS_TOKEN = uuid.uuid4().hex  # our own NOTIFYs were already applied locally
+_ALL = "all"
+_TOUCHED = "touched"
+_INFO = "watched_changes"
+
+# database (URL without password) -> callbacks(touched identity ids, or None: anything)
+ChangeListener = Callable[[frozenset[int] | None], None]
+_listeners: dict[str, list[ChangeListener]] = {}
+
+
+def _db_key(bind: Any) -> str:
+    return bind.url.render_as_string(hide_password=True)
+
+
+def add_change_listener(engine: AsyncEngine, fn: ChangeListener) -> None:
+    """Call ``fn`` after every transaction in this process that changed a watched table of
+    the engine's database (``fn(ids)``: only these chat identities' seen/name columns)."""
+    _listeners.setdefault(_db_key(engine.sync_engine), []).append(fn)
+
+
+def remove_change_listener(engine: AsyncEngine, fn: ChangeListener) -> None:
+    fns = _listeners.get(_db_key(engine.sync_engine), [])
+    if fn in fns:
+        fns.remove(fn)
+
+
+def _fire(key: str, touched: frozenset[int] | None) -> None:
+    for fn in list(_listeners.get(key, ())):
+        fn(touched)
+
+
+def _mark(session: Session, everything: bool, touched: Iterable[int] = ()) -> None:
+    info = session.info.setdefault(_INFO, {_ALL: False, _TOUCHED: set()})
+    first_all = everything and not info[_ALL]
+    info[_ALL] = info[_ALL] or everything
+    info[_TOUCHED].update(touched)
+    bind = session.get_bind()
+    # at once too: a cache load racing with this transaction must not keep what it read
+    _fire(_db_key(bind), None if everything else frozenset(touched))
+    if first_all and bind.dialect.name == "postgresql":
+        session.connection().exec_driver_sql(
+            f"SELECT pg_notify('{NOTIFY_CHANNEL}', '{PROCESS_TOKEN}')")
+
+
+@event.listens_for(Session, "after_flush")
+def _after_flush(session: Session, _ctx: Any) -> None:
+    everything = False
+    touched: set[int] = set()
+    for obj in (*session.new, *session.dirty, *session.deleted):
+        table = getattr(obj, "__tablename__", None)
+        if table not in WATCHED_TABLES:
+            continue
+        new = obj in session.new
+        gone = obj in session.deleted
+        changed = set() if new or gone else {
+            a.key for a in inspect(obj).attrs if a.history.has_changes()}
+        if not (new or gone or changed):
+            continue  # attributes set to what they were
+        if table == "chat_identities" and not gone and (new or changed <= TOUCH_COLUMNS):
+            touched.add(obj.id)  # a new identity, or only seen/name: nobody's role
+            continue
+        everything = True
+    if everything or touched:
+        _mark(session, everything, touched)
+
+
+@event.listens_for(Session, "do_orm_execute")
+def _on_execute(state: ORMExecuteState) -> None:
+    stmt = state.statement
+    if state.is_insert or state.is_update or state.is_delete:
+        table = getattr(getattr(stmt, "table", None), "name", None)
+        if table in WATCHED_TABLES:
+            _mark(state.session, True)
+    elif isinstance(stmt, TextClause):
+        sql = stmt.text.lower()
+        if any(t in sql for t in WATCHED_TABLES) and not sql.lstrip().startswith("select"):
+            _mark(state.session, True)
+
+
+@event.listens_for(Session, "after_commit")
+@event.listens_for(Session, "after_rollback")
+def _after_end(session: Session) -> None:
+    info = session.info.pop(_INFO, None)
+    if info is not None:
+        _fire(_db_key(session.get_bind()), None if info[_ALL] else frozenset(info[_TOUCHED]))
+
+
+async def listen_for_changes(engine: AsyncEngine, fn: Callable[[], None],
+                             lost: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
+    """PostgreSQL: call ``fn`` when another process commits a watched change, ``lost`` if
+    the listening connection drops. Returns the closer, or None for other databases."""
+    if engine.dialect.name != "postgresql":
+        return None
+    import asyncpg
+
+    dsn = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    conn = await asyncpg.connect(dsn)
+
+    def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
+        if payload != PROCESS_TOKEN:
+            fn()
+
+    await conn.add_listener(NOTIFY_CHANNEL, on_notify)
+    conn.add_termination_listener(lambda _c: lost())
+
+    async def close() -> None:
+        if not conn.is_closed():
+            await conn.close()
+
+    return close
