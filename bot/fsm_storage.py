@@ -18,6 +18,8 @@ from typing import Any
 from aiogram.fsm.state import State
 from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder, StateType, StorageKey
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from db.models import FsmRecord, utcnow
 
@@ -26,8 +28,8 @@ from db.models import FsmRecord, utcnow
 current_session: ContextVar[AsyncSession | None] = ContextVar("current_session", default=None)
 
 DIRTY = "fsm_dirty"  # session.info key: {fsm key: generation of our last write}
-Row = tuple[str | None, dict[str, Any]]  # committed (state, data)
-_EMPTY: Row = (None, {})
+Row = tuple[str | None, dict[str, Any], bool]  # committed (state, data, row exists)
+_EMPTY: Row = (None, {}, False)
 
 
 class DbStorage(BaseStorage):
@@ -66,10 +68,10 @@ class DbStorage(BaseStorage):
 
     def settle(self, session: AsyncSession, committed: bool) -> None:
         """After the update's transaction ended: cache what it committed, forget the rest."""
-        dirty: dict[str, tuple[int, Row]] | None = session.info.pop(DIRTY, None)
+        dirty: dict[str, tuple[int, Row, FsmRecord]] | None = session.info.pop(DIRTY, None)
         if not dirty:
             return
-        for k, (g, row) in dirty.items():
+        for k, (g, row, _rec) in dirty.items():
             unchanged = self._gen.get(k) == g  # nobody else wrote the key meanwhile
             self._bump(k)
             if committed and unchanged:
@@ -80,25 +82,44 @@ class DbStorage(BaseStorage):
         for k in list(self._cache) if keys is None else keys:
             self._bump(k)
 
+    async def _row(self, s: AsyncSession, k: str) -> FsmRecord:
+        """The ORM row to change: already in the session, known from the cache (attached
+        as if loaded, no SQL), or read."""
+        row = s.identity_map.get(identity_key(FsmRecord, k))
+        if isinstance(row, FsmRecord):
+            return row
+        cached = self._cache.get(k)
+        if cached is None:
+            row = await s.get(FsmRecord, k)
+        elif cached[2]:
+            row = FsmRecord()
+            row.__dict__.update(key=k, state=cached[0], data=copy.deepcopy(cached[1]),
+                                updated_at=utcnow())
+            make_transient_to_detached(row)
+            s.add(row)
+            return row
+        if row is None:
+            row = FsmRecord(key=k, state=None, data={})
+            s.add(row)
+        return row
+
     async def _write(self, key: StorageKey, **values: Any) -> None:
         k = self.keys.build(key)
         async with self._session() as (s, own):
-            row = await s.get(FsmRecord, k)
-            if row is None:
-                row = FsmRecord(key=k, state=None, data={})
-                s.add(row)
+            dirty = s.info.get(DIRTY, {})
+            row = dirty[k][2] if k in dirty else await self._row(s, k)
             for name, value in values.items():
                 setattr(row, name, value)
             row.updated_at = utcnow()
             g = self._bump(k)
-            snapshot: Row = (row.state, copy.deepcopy(row.data or {}))
+            snapshot: Row = (row.state, copy.deepcopy(row.data or {}), True)
             if own:
                 await s.commit()
                 if self._gen.get(k) == g:
                     self._store(k, snapshot)
             else:
                 # flushed with the handler's work at commit; DbSessionMiddleware settles
-                s.info.setdefault(DIRTY, {})[k] = (g, snapshot)
+                s.info.setdefault(DIRTY, {})[k] = (g, snapshot, row)
 
     async def _read(self, key: StorageKey) -> Row:
         k = self.keys.build(key)
@@ -111,7 +132,7 @@ class DbStorage(BaseStorage):
         g = self._gen.get(k, 0)
         async with self._session() as (s, _own):
             rec = await s.get(FsmRecord, k)
-            row: Row = (rec.state, copy.deepcopy(rec.data or {})) if rec else _EMPTY
+            row: Row = (rec.state, copy.deepcopy(rec.data or {}), True) if rec else _EMPTY
         if self._gen.get(k, 0) == g:
             self._store(k, row)
         return row

@@ -61,24 +61,26 @@ class Inbox:
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Store updates (ignoring ones already stored); return those still to handle."""
+        """Store a batch in one statement and one transaction (ignoring updates already
+        stored); return those newly stored, to handle now. A re-delivered update is never
+        handled twice: if it is done it is skipped, and if it is still pending from a
+        previous run, ``resume`` has already dispatched it."""
         if not payloads:
             return []
         async with self.maker() as s:
             dialect = s.bind.dialect.name
             insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            now = utcnow()
             rows = [{"bot_id": self.bot_id, "update_id": p["update_id"],
                      "payload": json.dumps(p, ensure_ascii=False), "status": "pending",
-                     "attempts": 1, "received_at": utcnow()} for p in payloads]
+                     "attempts": 1, "received_at": now} for p in payloads]
             if dialect == "sqlite" and self.on_outside_change is not None:
                 await self._check_data_version(s)
-            await s.execute(insert(InboxUpdate).on_conflict_do_nothing(), rows)
-            ids = [p["update_id"] for p in payloads]
-            pending = set(await s.scalars(select(InboxUpdate.update_id).where(
-                InboxUpdate.bot_id == self.bot_id, InboxUpdate.update_id.in_(ids),
-                InboxUpdate.status == "pending")))
+            stmt = insert(InboxUpdate).on_conflict_do_nothing().returning(InboxUpdate.update_id)
+            conn = await s.connection()
+            new = set((await conn.execute(stmt, rows)).scalars())
             await s.commit()
-        return [p for p in payloads if p["update_id"] in pending]
+        return [p for p in payloads if p["update_id"] in new]
 
     async def _check_data_version(self, s: AsyncSession) -> None:
         """SQLite: ``PRAGMA data_version`` changes when ANOTHER connection (another process)
