@@ -37,6 +37,20 @@ async def drop_pg_database(name: str) -> None:
     await conn.close()
 
 
+async def reset_inbox(url: str) -> None:
+    """Forget handled updates: each round's fresh emulator numbers its updates from 1 again,
+    and the bot rightly skips update ids it has already handled."""
+    from sqlalchemy import delete
+
+    from db.models import InboxUpdate
+    from db.session import make_engine
+
+    engine = make_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(delete(InboxUpdate))
+    await engine.dispose()
+
+
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, *args], cwd=ROOT, env={**os.environ, **env},
                             stdout=log.open("wb"), stderr=subprocess.STDOUT)

@@ -163,7 +163,7 @@ class App:
 
 def build_app(settings: Settings) -> App:
     texts.configure(settings.timezone)
-    engine = make_engine(settings.database_url, immediate=True)
+    engine = make_engine(settings.database_url, immediate=True, serving=True)
     maker = make_sessionmaker(engine)
     bot = create_bot(settings)
     menu = CommandMenu(bot, settings.default_lang)
