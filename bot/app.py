@@ -31,6 +31,7 @@ from bot.fsm_storage import DbStorage
 from bot.inbox import Inbox
 from bot.middlewares import DbSessionMiddleware, RoleMiddleware, WhoMiddleware
 from db.session import (
+    WATCHED_TABLES,
     add_change_listener,
     listen_for_changes,
     make_engine,
@@ -39,6 +40,7 @@ from db.session import (
 )
 from services import texts
 from services.people import WhoCache
+from services.status import PlanCache
 
 log = logging.getLogger("hopnhat")
 POLL_TIMEOUT = 25
@@ -154,47 +156,58 @@ class App:
     inbox: Inbox
     menu: CommandMenu
     who_cache: WhoCache
+    plan_cache: PlanCache
     _unlisten: Callable[[], Awaitable[None]] | None = None
+
+    def changed(self, tables: frozenset[str], touched: frozenset[int]) -> None:
+        """A change signal (db.session) for our database: tell every cache."""
+        self.who_cache.changed(tables, touched)
+        self.plan_cache.changed(tables, touched)
+
+    def outside_change(self) -> None:
+        self.changed(WATCHED_TABLES, frozenset())
 
     async def close(self) -> None:
         await self.inbox.drain()
-        self.who_cache.enabled = False
-        remove_change_listener(self.engine, self.who_cache.changed)
+        self.who_cache.enabled = self.plan_cache.enabled = False
+        remove_change_listener(self.engine, self.changed)
         if self._unlisten is not None:
             await self._unlisten()
         await self.bot.session.close()
         await self.engine.dispose()
 
-    async def enable_who_cache(self) -> None:
-        """Cache senders only once changes by other processes reach us: LISTEN on
-        PostgreSQL, ``PRAGMA data_version`` per received batch on SQLite (bot/inbox.py)."""
-        cache = self.who_cache
+    async def enable_caches(self) -> None:
+        """Cache senders and the plan only once changes by other processes reach us: LISTEN
+        on PostgreSQL, ``PRAGMA data_version`` per received batch on SQLite (bot/inbox.py)."""
 
         def lost() -> None:
-            if cache.enabled:
-                log.warning("change notifications lost: sender cache off")
-            cache.enabled = False
-            cache.changed()
+            if self.who_cache.enabled:
+                log.warning("change notifications lost: caches off")
+            self.who_cache.enabled = self.plan_cache.enabled = False
+            self.outside_change()
 
         if self.engine.dialect.name == "postgresql":
-            self._unlisten = await listen_for_changes(self.engine, cache.changed, lost)
+            self._unlisten = await listen_for_changes(self.engine, self.changed, lost)
         elif self.engine.dialect.name != "sqlite":
             return
-        cache.changed()
-        cache.enabled = True
+        self.outside_change()
+        self.who_cache.enabled = self.plan_cache.enabled = True
 
 
 def build_app(settings: Settings) -> App:
     texts.configure(settings.timezone)
     engine = make_engine(settings.database_url, immediate=True, serving=True)
-    maker = make_sessionmaker(engine)
+    plan_cache = PlanCache()
+    maker = make_sessionmaker(engine, info={"plan_cache": plan_cache})
     bot = create_bot(settings)
     menu = CommandMenu(bot, settings.default_lang)
     who_cache = WhoCache()
-    add_change_listener(engine, who_cache.changed)
     dp = create_dispatcher(settings, maker, menu, who_cache)
-    inbox = Inbox(dp, bot, maker, on_outside_change=who_cache.changed)
-    return App(settings, engine, maker, bot, dp, inbox, menu, who_cache)
+    inbox = Inbox(dp, bot, maker)
+    app = App(settings, engine, maker, bot, dp, inbox, menu, who_cache, plan_cache)
+    inbox.on_outside_change = app.outside_change
+    add_change_listener(engine, app.changed)
+    return app
 
 
 async def _startup(app: App) -> None:
@@ -208,7 +221,7 @@ async def _startup(app: App) -> None:
 
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
-    await app.enable_who_cache()
+    await app.enable_caches()
 
 
 class RawPoller:

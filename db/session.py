@@ -17,7 +17,6 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import ORMExecuteState, Session
 
-
 IDLE_PING_SECONDS = 10.0
 
 
@@ -88,30 +87,31 @@ def make_engine(url: str, *, immediate: bool = False, serving: bool = False, **k
     return engine
 
 
-def make_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
-    return async_sessionmaker(engine, expire_on_commit=False)
+def make_sessionmaker(engine: AsyncEngine, info: dict[str, Any] | None = None
+                      ) -> async_sessionmaker[AsyncSession]:
+    """``info``: objects every session of this maker carries (``session.info``)."""
+    return async_sessionmaker(engine, expire_on_commit=False, info=info)
 
 
 # --------------------------------------------------------------------------- change signals
-# In-process caches of rows (the sender's identity, person and unit: services/people.py)
-# must hear of every change to those rows. All writes of the project go through ORM
-# sessions, so session events see them: ORM flushes and Core statements run on a session.
-# After the transaction ends, listeners registered for the same database in this process
-# are called at once; on PostgreSQL the transaction also sends NOTIFY (delivered on commit)
-# for caches in other processes (see ``listen_for_changes``). Writes that bypass sessions
-# (psql, an Alembic data migration) are not seen: restart the bot or ``NOTIFY hopnhat_rows``.
+# In-process caches of rows (the sender's identity, person and unit: services/people.py;
+# the plan's systems and milestones: services/status.py) must hear of every change to those
+# rows. All writes of the project go through ORM sessions, so session events see them: ORM
+# flushes and Core statements run on a session. Listeners registered for the same database
+# in this process are called at once and again after the transaction ends; on PostgreSQL
+# the transaction also sends NOTIFY (delivered on commit) for caches in other processes
+# (``listen_for_changes``). Writes that bypass sessions (psql, an Alembic data migration)
+# are not seen: restart the bot, or ``NOTIFY hopnhat_rows`` on PostgreSQL.
 
-WATCHED_TABLES = frozenset({"people", "chat_identities", "units"})
+WATCHED_TABLES = frozenset({"people", "chat_identities", "units", "systems", "milestones"})
 TOUCH_COLUMNS = frozenset({"last_seen_at", "display_name", "username"})  # nobody caches them
 NOTIFY_CHANNEL = "hopnhat_rows"
 PROCESS_TOKEN = uuid.uuid4().hex  # our own NOTIFYs were already applied locally
-_ALL = "all"
-_TOUCHED = "touched"
 _INFO = "watched_changes"
 
-# database (URL without password) -> callbacks(touched identity ids, or None: anything)
-ChangeListener = Callable[[frozenset[int] | None], None]
-_listeners: dict[str, list[ChangeListener]] = {}
+# fn(tables changed, chat identity ids whose seen/name columns alone changed)
+ChangeListener = Callable[[frozenset[str], frozenset[int]], None]
+_listeners: dict[str, list[ChangeListener]] = {}  # by database (URL without password)
 
 
 def _db_key(bind: Any) -> str:
@@ -119,8 +119,8 @@ def _db_key(bind: Any) -> str:
 
 
 def add_change_listener(engine: AsyncEngine, fn: ChangeListener) -> None:
-    """Call ``fn`` after every transaction in this process that changed a watched table of
-    the engine's database (``fn(ids)``: only these chat identities' seen/name columns)."""
+    """Call ``fn`` for every change in this process to a watched table of the engine's
+    database, whatever engine made it: at once and after its transaction ends."""
     _listeners.setdefault(_db_key(engine.sync_engine), []).append(fn)
 
 
@@ -130,27 +130,28 @@ def remove_change_listener(engine: AsyncEngine, fn: ChangeListener) -> None:
         fns.remove(fn)
 
 
-def _fire(key: str, touched: frozenset[int] | None) -> None:
+def _fire(key: str, tables: frozenset[str], touched: frozenset[int]) -> None:
     for fn in list(_listeners.get(key, ())):
-        fn(touched)
+        fn(tables, touched)
 
 
-def _mark(session: Session, everything: bool, touched: Iterable[int] = ()) -> None:
-    info = session.info.setdefault(_INFO, {_ALL: False, _TOUCHED: set()})
-    first_all = everything and not info[_ALL]
-    info[_ALL] = info[_ALL] or everything
-    info[_TOUCHED].update(touched)
+def _mark(session: Session, tables: Iterable[str], touched: Iterable[int] = ()) -> None:
+    info = session.info.setdefault(_INFO, {"tables": set(), "touched": set()})
+    tables, touched = frozenset(tables), frozenset(touched)
+    first = bool(tables) and not info["tables"]
+    info["tables"].update(tables)
+    info["touched"].update(touched)
     bind = session.get_bind()
     # at once too: a cache load racing with this transaction must not keep what it read
-    _fire(_db_key(bind), None if everything else frozenset(touched))
-    if first_all and bind.dialect.name == "postgresql":
+    _fire(_db_key(bind), tables, touched)
+    if first and bind.dialect.name == "postgresql":
         session.connection().exec_driver_sql(
             f"SELECT pg_notify('{NOTIFY_CHANNEL}', '{PROCESS_TOKEN}')")
 
 
 @event.listens_for(Session, "after_flush")
 def _after_flush(session: Session, _ctx: Any) -> None:
-    everything = False
+    tables: set[str] = set()
     touched: set[int] = set()
     for obj in (*session.new, *session.dirty, *session.deleted):
         table = getattr(obj, "__tablename__", None)
@@ -165,9 +166,9 @@ def _after_flush(session: Session, _ctx: Any) -> None:
         if table == "chat_identities" and not gone and (new or changed <= TOUCH_COLUMNS):
             touched.add(obj.id)  # a new identity, or only seen/name: nobody's role
             continue
-        everything = True
-    if everything or touched:
-        _mark(session, everything, touched)
+        tables.add(table)
+    if tables or touched:
+        _mark(session, tables, touched)
 
 
 @event.listens_for(Session, "do_orm_execute")
@@ -176,11 +177,12 @@ def _on_execute(state: ORMExecuteState) -> None:
     if state.is_insert or state.is_update or state.is_delete:
         table = getattr(getattr(stmt, "table", None), "name", None)
         if table in WATCHED_TABLES:
-            _mark(state.session, True)
+            _mark(state.session, {table})
     elif isinstance(stmt, TextClause):
         sql = stmt.text.lower()
-        if any(t in sql for t in WATCHED_TABLES) and not sql.lstrip().startswith("select"):
-            _mark(state.session, True)
+        hit = {t for t in WATCHED_TABLES if t in sql}
+        if hit and not sql.lstrip().startswith("select"):
+            _mark(state.session, hit)
 
 
 @event.listens_for(Session, "after_commit")
@@ -188,10 +190,11 @@ def _on_execute(state: ORMExecuteState) -> None:
 def _after_end(session: Session) -> None:
     info = session.info.pop(_INFO, None)
     if info is not None:
-        _fire(_db_key(session.get_bind()), None if info[_ALL] else frozenset(info[_TOUCHED]))
+        _fire(_db_key(session.get_bind()), frozenset(info["tables"]),
+              frozenset(info["touched"]))
 
 
-async def listen_for_changes(engine: AsyncEngine, fn: Callable[[], None],
+async def listen_for_changes(engine: AsyncEngine, fn: ChangeListener,
                              lost: Callable[[], None]) -> Callable[[], Awaitable[None]] | None:
     """PostgreSQL: call ``fn`` when another process commits a watched change, ``lost`` if
     the listening connection drops. Returns the closer, or None for other databases."""
@@ -204,7 +207,7 @@ async def listen_for_changes(engine: AsyncEngine, fn: Callable[[], None],
 
     def on_notify(_c: Any, _pid: int, _channel: str, payload: str) -> None:
         if payload != PROCESS_TOKEN:
-            fn()
+            fn(WATCHED_TABLES, frozenset())
 
     await conn.add_listener(NOTIFY_CHANNEL, on_notify)
     conn.add_termination_listener(lambda _c: lost())

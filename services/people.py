@@ -35,6 +35,7 @@ class Who:
 
 
 Snapshot = dict[str, Any]
+TABLES = frozenset({"people", "chat_identities", "units"})
 
 
 def _snapshot(obj: Any) -> Snapshot:
@@ -67,10 +68,12 @@ class WhoCache:
         self._by_identity: dict[int, tuple[str, str]] = {}
         self._gen = 0
 
-    def changed(self, touched: frozenset[int] | None = None) -> None:
-        """A watched row changed: these identities only (seen/name), or anything (None)."""
+    def changed(self, tables: frozenset[str] = TABLES, touched: frozenset[int] = frozenset()
+                ) -> None:
+        """Rows changed (``db.session`` change signal): any of our tables, or only the
+        seen/name columns of these identities."""
         self._gen += 1
-        if touched is None:
+        if tables & TABLES:
             self._rows.clear()
             self._by_identity.clear()
             return
