@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -222,6 +223,17 @@ async def _startup(app: App) -> None:
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
     await app.enable_caches()
+    _freeze_startup_heap()
+
+
+def _freeze_startup_heap() -> None:
+    """What start-up built (the unit search index, the knowledge base, aiogram's routers and
+    models: ~300k objects) lives as long as the process. A full garbage collection walked
+    all of it every time: 0.26 s pauses, ~10% of the bot's time under load. Frozen
+    objects are left out of cycle collections (reference counting still frees them, e.g.
+    a rebuilt index's predecessor); objects made after start-up are collected as usual."""
+    gc.collect()
+    gc.freeze()
 
 
 class RawPoller:
