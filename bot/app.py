@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import gc
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -67,6 +67,17 @@ def _pin_response_types() -> None:
             m.SendChatAction, m.GetUpdates, m.CreateForumTopic)
     for returning in {meth.__returning__ for meth in used}:
         _PINNED_RESPONSE_TYPES.append(Response[returning])  # type: ignore[index]
+
+
+def run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` on uvloop where it is installed (Linux/macOS): the bot is bound by
+    event-loop and socket work (a few Bot API and database round trips per update)."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def create_bot(settings: Settings) -> Bot:
