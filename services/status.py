@@ -379,28 +379,25 @@ class UnitStatusView:
         return sum(1 for s in self.systems if s.stage is Stage.live)
 
 
+_UNIT_WITH_STATUSES = (
+    select(Unit.code, Unit.name, Unit.kind, Unit.province_code, Province.name, Unit.active,
+           Unit.merged_into, UnitSystemStatus.system_code, UnitSystemStatus.stage,
+           UnitSystemStatus.note, UnitSystemStatus.updated_at, Person.full_name)
+    .outerjoin(Province, Province.code == Unit.province_code)
+    .outerjoin(UnitSystemStatus, UnitSystemStatus.unit_code == Unit.code)
+    .outerjoin(Person, Person.id == UnitSystemStatus.updated_by)
+    .where(Unit.code == bindparam("code"))
+)
+
+
 async def unit_status(session: AsyncSession, unit_code: str, today: date) -> UnitStatusView | None:
     """Every system's stage and next milestone for one unit; None if the code is unknown."""
-    row = (
-        await session.execute(
-            select(Unit.code, Unit.name, Unit.kind, Unit.province_code, Province.name,
-                   Unit.active, Unit.merged_into)
-            .outerjoin(Province, Province.code == Unit.province_code)
-            .where(Unit.code == unit_code)
-        )
-    ).first()
-    if row is None:
+    rows = (await session.execute(_UNIT_WITH_STATUSES, {"code": unit_code})).all()
+    if not rows:
         return None
-    code, name, kind, prov, prov_name, active, merged_into = row
-    statuses = {
-        r.system_code: r
-        for r in await session.execute(
-            select(UnitSystemStatus.system_code, UnitSystemStatus.stage, UnitSystemStatus.note,
-                   UnitSystemStatus.updated_at, Person.full_name)
-            .outerjoin(Person, Person.id == UnitSystemStatus.updated_by)
-            .where(UnitSystemStatus.unit_code == code)
-        )
-    }
+    code, name, kind, prov, prov_name, active, merged_into = rows[0][:7]
+    # one round trip: the unit (with its province) outer-joined to its status rows
+    statuses = {r.system_code: r for r in rows if r.system_code is not None}
     by_system = await load_milestones(session)
     lines = []
     for s in await load_systems(session):
