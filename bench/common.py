@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -34,6 +35,20 @@ async def drop_pg_database(name: str) -> None:
     conn = await asyncpg.connect(PG_ADMIN)
     await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     await conn.close()
+
+
+async def reset_inbox(url: str) -> None:
+    """Forget handled updates: each round's fresh emulator numbers its updates from 1 again,
+    and the bot rightly skips update ids it has already handled."""
+    from sqlalchemy import delete
+
+    from db.models import InboxUpdate
+    from db.session import make_engine
+
+    engine = make_engine(url)
+    async with engine.begin() as conn:
+        await conn.execute(delete(InboxUpdate))
+    await engine.dispose()
 
 
 def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
@@ -111,7 +126,9 @@ async def measure(args: list[str], env: dict[str, str], users: list[int], per_us
         for text in texts:
             await drive(emu, users[:5], 1, text)  # warm-up
             cpu0 = cpu_seconds(proc.pid)
+            spy = start_profiler(proc.pid, log, text)
             r = await drive(emu, users, per_user, text)
+            stop_profiler(spy)
             r["cpu_ms_per_update"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / r["updates"]
             lat = await latency(emu, users[0], text)
             r["idle_p50_ms"], r["idle_p99_ms"] = lat["p50_ms"], lat["p99_ms"]
@@ -121,6 +138,28 @@ async def measure(args: list[str], env: dict[str, str], users: list[int], per_us
         proc.terminate()
         proc.wait(20)
         await emu.stop()
+
+
+PROFILE = os.environ.get("HOPNHAT_BENCH_PROFILE")  # a folder: py-spy stacks go there
+
+
+def start_profiler(pid: int, log: Path, text: str) -> subprocess.Popen[bytes] | None:
+    """With HOPNHAT_BENCH_PROFILE=DIR, sample the bot with py-spy during the saturated phase
+    (collapsed stacks in ``DIR/<log>-<text>.folded``; ``pip install py-spy`` first)."""
+    if not PROFILE:
+        return None
+    slug = "".join(c if c.isalnum() else "_" for c in text)
+    out = Path(PROFILE) / f"{log.stem}-{slug}.folded"
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return subprocess.Popen([spy, "record", "-p", str(pid), "-r", "200", "-f", "raw",
+                             "-o", str(out), "--nonblocking"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def stop_profiler(spy: subprocess.Popen[bytes] | None) -> None:
+    if spy is not None:
+        spy.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        spy.wait(30)
 
 
 def cpu_seconds(pid: int) -> float:

@@ -96,7 +96,9 @@ def _run_until_signal(coro_factory) -> None:  # type: ignore[no-untyped-def]
             loop.add_signal_handler(sig, stop.set)
         await coro_factory(stop)
 
-    asyncio.run(main())
+    from bot.app import run_loop
+
+    run_loop(main())
 
 
 @app.command()

@@ -1,8 +1,16 @@
-"""aiogram FSM storage in the project's database, so conversations survive a restart."""
+"""aiogram FSM storage in the project's database, so conversations survive a restart.
+
+The database is the source of truth; a read-through cache of committed rows saves the
+state read aiogram does on every update (most people have no state at all). Only this
+bot process writes ``fsm_records`` (keys carry the bot id; one process polls a bot), so
+the cache sees every write: a write drops the key at once and the committed value is
+cached only after the update's transaction commits (a rollback just drops it again).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import copy
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -10,6 +18,8 @@ from typing import Any
 from aiogram.fsm.state import State
 from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder, StateType, StorageKey
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from db.models import FsmRecord, utcnow
 
@@ -17,13 +27,23 @@ from db.models import FsmRecord, utcnow
 # handler's work, and on SQLite a second connection never waits for the first's write lock.
 current_session: ContextVar[AsyncSession | None] = ContextVar("current_session", default=None)
 
+DIRTY = "fsm_dirty"  # session.info key: {fsm key: generation of our last write}
+Row = tuple[str | None, dict[str, Any], bool]  # committed (state, data, row exists)
+_EMPTY: Row = (None, {}, False)
+
 
 class DbStorage(BaseStorage):
     """One row per (bot, chat, user[, thread]) key, in the handler's transaction if any."""
 
-    def __init__(self, maker: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, maker: async_sessionmaker[AsyncSession], cache_size: int = 100_000
+                 ) -> None:
         self.maker = maker
         self.keys = DefaultKeyBuilder(with_bot_id=True, with_destiny=True)
+        self.cache_size = cache_size
+        self._cache: dict[str, Row] = {}
+        # Bumped by every write and commit of a key: a read that raced with a write must
+        # not put the older value it read back into the cache.
+        self._gen: dict[str, int] = {}
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[tuple[AsyncSession, bool]]:
@@ -34,39 +54,101 @@ class DbStorage(BaseStorage):
         async with self.maker() as s:
             yield s, True
 
+    def _bump(self, k: str) -> int:
+        g = self._gen.get(k, 0) + 1
+        self._gen[k] = g
+        self._cache.pop(k, None)
+        return g
+
+    def _store(self, k: str, row: Row) -> None:
+        if len(self._cache) >= self.cache_size:
+            self._cache.clear()
+            self._gen.clear()
+        self._cache[k] = row
+
+    def settle(self, session: AsyncSession, committed: bool) -> None:
+        """After the update's transaction ended: cache what it committed, forget the rest."""
+        dirty: dict[str, tuple[int, Row, FsmRecord]] | None = session.info.pop(DIRTY, None)
+        if not dirty:
+            return
+        for k, (g, row, _rec) in dirty.items():
+            unchanged = self._gen.get(k) == g  # nobody else wrote the key meanwhile
+            self._bump(k)
+            if committed and unchanged:
+                self._store(k, row)
+
+    def forget(self, keys: Iterable[str] | None = None) -> None:
+        """Drop cached rows (all by default), e.g. after an outside change to the table."""
+        for k in list(self._cache) if keys is None else keys:
+            self._bump(k)
+
+    async def _row(self, s: AsyncSession, k: str) -> FsmRecord:
+        """The ORM row to change: already in the session, known from the cache (attached
+        as if loaded, no SQL), or read."""
+        row = s.identity_map.get(identity_key(FsmRecord, k))
+        if isinstance(row, FsmRecord):
+            return row
+        cached = self._cache.get(k)
+        if cached is None:
+            row = await s.get(FsmRecord, k)
+        elif cached[2]:
+            row = FsmRecord()
+            row.__dict__.update(key=k, state=cached[0], data=copy.deepcopy(cached[1]),
+                                updated_at=utcnow())
+            make_transient_to_detached(row)
+            s.add(row)
+            return row
+        if row is None:
+            row = FsmRecord(key=k, state=None, data={})
+            s.add(row)
+        return row
+
     async def _write(self, key: StorageKey, **values: Any) -> None:
         k = self.keys.build(key)
         async with self._session() as (s, own):
-            row = await s.get(FsmRecord, k)
-            if row is None:
-                row = FsmRecord(key=k, state=None, data={})
-                s.add(row)
+            dirty = s.info.get(DIRTY, {})
+            row = dirty[k][2] if k in dirty else await self._row(s, k)
             for name, value in values.items():
                 setattr(row, name, value)
             row.updated_at = utcnow()
+            g = self._bump(k)
+            snapshot: Row = (row.state, copy.deepcopy(row.data or {}), True)
             if own:
                 await s.commit()
+                if self._gen.get(k) == g:
+                    self._store(k, snapshot)
             else:
-                await s.flush()
+                # flushed with the handler's work at commit; DbSessionMiddleware settles
+                s.info.setdefault(DIRTY, {})[k] = (g, snapshot, row)
 
-    async def _read(self, key: StorageKey) -> FsmRecord | None:
+    async def _read(self, key: StorageKey) -> Row:
+        k = self.keys.build(key)
+        shared = current_session.get()
+        if shared is not None and k in shared.info.get(DIRTY, ()):
+            return shared.info[DIRTY][k][1]  # this update's own, not yet committed, write
+        hit = self._cache.get(k)
+        if hit is not None:
+            return hit
+        g = self._gen.get(k, 0)
         async with self._session() as (s, _own):
-            return await s.get(FsmRecord, self.keys.build(key))
+            rec = await s.get(FsmRecord, k)
+            row: Row = (rec.state, copy.deepcopy(rec.data or {}), True) if rec else _EMPTY
+        if self._gen.get(k, 0) == g:
+            self._store(k, row)
+        return row
 
     async def set_state(self, key: StorageKey, state: StateType = None) -> None:
         value = state.state if isinstance(state, State) else state
         await self._write(key, state=value)
 
     async def get_state(self, key: StorageKey) -> str | None:
-        row = await self._read(key)
-        return row.state if row else None
+        return (await self._read(key))[0]
 
     async def set_data(self, key: StorageKey, data: Mapping[str, Any]) -> None:
         await self._write(key, data=dict(data))
 
     async def get_data(self, key: StorageKey) -> dict[str, Any]:
-        row = await self._read(key)
-        return dict(row.data or {}) if row else {}
+        return copy.deepcopy((await self._read(key))[1])
 
     async def close(self) -> None:
         return None

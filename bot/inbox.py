@@ -13,11 +13,12 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from aiogram import Bot, Dispatcher
 from aiogram.types import Update
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -50,30 +51,47 @@ class Inbox:
         bot: Bot,
         maker: async_sessionmaker[AsyncSession],
         concurrency: int = 64,
+        on_outside_change: Callable[[], None] | None = None,
     ) -> None:
         self.dp, self.bot, self.maker = dp, bot, maker
+        self.on_outside_change = on_outside_change
         self.bot_id = bot.id
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def record(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Store updates (ignoring ones already stored); return those still to handle."""
+        """Store a batch in one statement and one transaction (ignoring updates already
+        stored); return those newly stored, to handle now. A re-delivered update is never
+        handled twice: if it is done it is skipped, and if it is still pending from a
+        previous run, ``resume`` has already dispatched it."""
         if not payloads:
             return []
         async with self.maker() as s:
             dialect = s.bind.dialect.name
             insert = pg_insert if dialect == "postgresql" else sqlite_insert
+            now = utcnow()
             rows = [{"bot_id": self.bot_id, "update_id": p["update_id"],
                      "payload": json.dumps(p, ensure_ascii=False), "status": "pending",
-                     "attempts": 1, "received_at": utcnow()} for p in payloads]
-            await s.execute(insert(InboxUpdate).on_conflict_do_nothing(), rows)
-            ids = [p["update_id"] for p in payloads]
-            pending = set(await s.scalars(select(InboxUpdate.update_id).where(
-                InboxUpdate.bot_id == self.bot_id, InboxUpdate.update_id.in_(ids),
-                InboxUpdate.status == "pending")))
+                     "attempts": 1, "received_at": now} for p in payloads]
+            if dialect == "sqlite" and self.on_outside_change is not None:
+                await self._check_data_version(s)
+            stmt = insert(InboxUpdate).on_conflict_do_nothing().returning(InboxUpdate.update_id)
+            conn = await s.connection()
+            new = set((await conn.execute(stmt, rows)).scalars())
             await s.commit()
-        return [p for p in payloads if p["update_id"] in pending]
+        return [p for p in payloads if p["update_id"] in new]
+
+    async def _check_data_version(self, s: AsyncSession) -> None:
+        """SQLite: ``PRAGMA data_version`` changes when ANOTHER connection (another process)
+        committed; the bot's engine has one connection, so our own commits do not count.
+        Checked once per received batch, before its updates are handled."""
+        raw = await (await s.connection()).get_raw_connection()
+        version = (await s.execute(text("PRAGMA data_version"))).scalar_one()
+        if raw.info.get("data_version") != version:  # also a new connection: unknown past
+            raw.info["data_version"] = version
+            assert self.on_outside_change is not None
+            self.on_outside_change()
 
     def dispatch(self, payloads: list[dict[str, Any]]) -> None:
         """Handle recorded updates in background tasks (per-chat FIFO via fair locks)."""

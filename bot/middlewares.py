@@ -13,15 +13,15 @@ from typing import Any
 from aiogram import BaseMiddleware
 from aiogram.dispatcher.flags import get_flag
 from aiogram.types import CallbackQuery, InlineQuery, Message, TelegramObject, User
-from sqlalchemy import update
+from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.config import Settings
-from bot.fsm_storage import current_session
+from bot.fsm_storage import DbStorage, current_session
 from db.models import InboxUpdate, utcnow
 from services import roles
 from services.audit import Actor
-from services.people import load_who
+from services.people import WhoCache, load_who
 from services.texts import norm_lang, t
 
 log = logging.getLogger(__name__)
@@ -48,40 +48,54 @@ class PostCommit:
 
 
 class DbSessionMiddleware(BaseMiddleware):
-    def __init__(self, maker: async_sessionmaker[AsyncSession]) -> None:
+    def __init__(self, maker: async_sessionmaker[AsyncSession],
+                 storage: DbStorage | None = None) -> None:
         self.maker = maker
+        self.storage = storage
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
+        committed = False
         async with self.maker() as session:
             data["session"] = session
             data["post"] = post = PostCommit()
             token = current_session.set(session)
             try:
-                result = await handler(event, data)
-            except Exception:
-                await session.rollback()
-                raise
+                try:
+                    result = await handler(event, data)
+                except Exception:
+                    await session.rollback()
+                    raise
+                finally:
+                    current_session.reset(token)
+                key = data.get("inbox_key")
+                if key is not None:
+                    # Core on the session's connection: no ORM execution overhead
+                    conn = await session.connection()
+                    await conn.execute(_MARK_DONE, {"b": key[0], "u": key[1], "at": utcnow()})
+                await session.commit()
+                committed = True
             finally:
-                current_session.reset(token)
-            key = data.get("inbox_key")
-            if key is not None:
-                await session.execute(
-                    update(InboxUpdate)
-                    .where(InboxUpdate.bot_id == key[0], InboxUpdate.update_id == key[1])
-                    .values(status="done", handled_at=utcnow())
-                )
-            await session.commit()
+                if self.storage is not None:
+                    self.storage.settle(session, committed)
         if "inbox_outcome" in data:
             data["inbox_outcome"]["done"] = True
         await post.run()
         return result
 
 
+_MARK_DONE = (
+    update(InboxUpdate)
+    .where(InboxUpdate.bot_id == bindparam("b"), InboxUpdate.update_id == bindparam("u"))
+    .values(status="done", handled_at=bindparam("at"))
+)
+
+
 class WhoMiddleware(BaseMiddleware):
     """Loads the sender's identity, person and unit; sets ``who``, ``lang`` and ``actor``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, cache: WhoCache | None = None) -> None:
         self.settings = settings
+        self.cache = cache
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         user: User | None = data.get("event_from_user")
@@ -90,7 +104,8 @@ class WhoMiddleware(BaseMiddleware):
         data["actor"] = Actor.system("telegram:unknown")
         if user is not None and not user.is_bot:
             name = " ".join(p for p in (user.first_name, user.last_name) if p)
-            who = await load_who(data["session"], CHANNEL, str(user.id), name, user.username)
+            who = await load_who(data["session"], CHANNEL, str(user.id), name, user.username,
+                                 self.cache)
             data["who"] = who
             data["lang"] = norm_lang(who.lang or self.settings.default_lang)
             data["actor"] = Actor(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
 from db.models import ChatIdentity, Person, Unit, utcnow
 
@@ -32,32 +34,110 @@ class Who:
         return self.identity.lang or (self.person.lang if self.person else None)
 
 
+Snapshot = dict[str, Any]
+TABLES = frozenset({"people", "chat_identities", "units"})
+
+
+def _snapshot(obj: Any) -> Snapshot:
+    return {a.key: getattr(obj, a.key) for a in inspect(obj).mapper.column_attrs}
+
+
+def _attach(session: AsyncSession, cls: type[Any], cols: Snapshot) -> Any:
+    """A persistent instance in ``session`` from cached columns, without SQL: as if loaded."""
+    obj = inspect(cls).class_manager.new_instance()
+    obj.__dict__.update(cols)
+    make_transient_to_detached(obj)
+    session.add(obj)
+    return obj
+
+
+class WhoCache:
+    """Read-through cache of (identity, person, unit) columns per chat identity.
+
+    The database stays the source of truth. Entries are dropped after every committed
+    change to people, chat_identities or units (``db.session`` change signals: at once for
+    this process, LISTEN/NOTIFY or ``PRAGMA data_version`` for others), and a load that
+    raced with a change does not store what it read (generation check). Off until enabled
+    by the bot once it hears other processes' changes.
+    """
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.enabled = False
+        self.size = size
+        self._rows: dict[tuple[str, str], tuple[Snapshot, Snapshot | None, Snapshot | None]] = {}
+        self._by_identity: dict[int, tuple[str, str]] = {}
+        self._gen = 0
+
+    def changed(self, tables: frozenset[str] = TABLES, touched: frozenset[int] = frozenset()
+                ) -> None:
+        """Rows changed (``db.session`` change signal): any of our tables, or only the
+        seen/name columns of these identities."""
+        self._gen += 1
+        if tables & TABLES:
+            self._rows.clear()
+            self._by_identity.clear()
+            return
+        for ident in touched:
+            key = self._by_identity.pop(ident, None)
+            if key is not None:
+                self._rows.pop(key, None)
+
+    def get(self, key: tuple[str, str]
+            ) -> tuple[Snapshot, Snapshot | None, Snapshot | None] | None:
+        return self._rows.get(key) if self.enabled else None
+
+    def put(self, key: tuple[str, str], gen: int, identity: ChatIdentity,
+            person: Person | None, unit: Unit | None) -> None:
+        if not self.enabled or gen != self._gen:
+            return
+        if len(self._rows) >= self.size:
+            self.changed()
+            return
+        self._rows[key] = (_snapshot(identity), _snapshot(person) if person else None,
+                           _snapshot(unit) if unit else None)
+        self._by_identity[identity.id] = key
+
+
+_WHO = (
+    select(ChatIdentity, Person, Unit)
+    .outerjoin(Person, Person.id == ChatIdentity.person_id)
+    .outerjoin(Unit, Unit.code == Person.unit_code)
+    .where(ChatIdentity.channel == bindparam("ch"), ChatIdentity.external_id == bindparam("ext"))
+)
+
+
 async def load_who(
     session: AsyncSession,
     channel: str,
     external_id: str,
     display_name: str | None = None,
     username: str | None = None,
+    cache: WhoCache | None = None,
 ) -> Who:
-    """Find or create the identity for a sender and load its person and unit in one query."""
-    row = (
-        await session.execute(
-            select(ChatIdentity, Person, Unit)
-            .outerjoin(Person, Person.id == ChatIdentity.person_id)
-            .outerjoin(Unit, Unit.code == Person.unit_code)
-            .where(ChatIdentity.channel == channel, ChatIdentity.external_id == external_id)
-        )
-    ).first()
+    """Find or create the identity for a sender and load its person and unit in one query
+    (or from ``cache``, attached to ``session`` as if loaded: handlers may change them)."""
+    key = (channel, external_id)
+    hit = cache.get(key) if cache is not None else None
+    if hit is not None:
+        identity = _attach(session, ChatIdentity, hit[0])
+        person = _attach(session, Person, hit[1]) if hit[1] is not None else None
+        unit = _attach(session, Unit, hit[2]) if hit[2] is not None else None
+    else:
+        gen = cache._gen if cache is not None else 0
+        row = (await session.execute(_WHO, {"ch": channel, "ext": external_id})).first()
+        if row is None:
+            now = utcnow()
+            identity = ChatIdentity(
+                channel=channel, external_id=external_id, display_name=display_name,
+                username=username, created_at=now, last_seen_at=now,
+            )
+            session.add(identity)
+            await session.flush()
+            return Who(identity, None, None)
+        identity, person, unit = row
+        if cache is not None:
+            cache.put(key, gen, identity, person, unit)
     now = utcnow()
-    if row is None:
-        identity = ChatIdentity(
-            channel=channel, external_id=external_id, display_name=display_name,
-            username=username, created_at=now, last_seen_at=now,
-        )
-        session.add(identity)
-        await session.flush()
-        return Who(identity, None, None)
-    identity, person, unit = row
     if now - identity.last_seen_at > SEEN_RESOLUTION or identity.display_name != display_name:
         identity.last_seen_at = now
         identity.display_name = display_name

@@ -236,8 +236,45 @@ class SystemInfo:
         return self.name_en if lang == "en" else self.name_vi
 
 
+class PlanCache:
+    """The plan's systems and milestones, read on every status view and changed only by a
+    plan import: kept in memory by the bot (``session.info["plan_cache"]``), dropped on
+    every change to those tables (``db.session`` change signals, same as the sender cache).
+    """
+
+    TABLES = frozenset({"systems", "milestones"})
+
+    def __init__(self) -> None:
+        self.enabled = False
+        self._gen = 0
+        self.systems: list[SystemInfo] | None = None
+        self.milestones: dict[str | None, list[MilestoneInfo]] | None = None
+
+    def changed(self, tables: frozenset[str] = TABLES, _touched: frozenset[int] = frozenset()
+                ) -> None:
+        if tables & self.TABLES:
+            self._gen += 1
+            self.systems = self.milestones = None
+
+
+def _plan_cache(session: AsyncSession) -> PlanCache | None:
+    cache = session.info.get("plan_cache")
+    return cache if isinstance(cache, PlanCache) and cache.enabled else None
+
+
 async def load_systems(session: AsyncSession) -> list[SystemInfo]:
     """Systems in display order (System.sort, then code)."""
+    cache = _plan_cache(session)
+    if cache is not None and cache.systems is not None:
+        return list(cache.systems)
+    gen = cache._gen if cache is not None else 0
+    out = await _load_systems(session)
+    if cache is not None and cache._gen == gen:
+        cache.systems = list(out)
+    return out
+
+
+async def _load_systems(session: AsyncSession) -> list[SystemInfo]:
     rows = await session.execute(
         select(System.code, System.abbr, System.name_vi, System.name_en, System.sort).order_by(
             System.sort, System.code
@@ -248,6 +285,17 @@ async def load_systems(session: AsyncSession) -> list[SystemInfo]:
 
 async def load_milestones(session: AsyncSession) -> dict[str | None, list[MilestoneInfo]]:
     """Milestones grouped by system code (None = not tied to a system), earliest first."""
+    cache = _plan_cache(session)
+    if cache is not None and cache.milestones is not None:
+        return {k: list(v) for k, v in cache.milestones.items()}
+    gen = cache._gen if cache is not None else 0
+    out = await _load_milestones(session)
+    if cache is not None and cache._gen == gen:
+        cache.milestones = {k: list(v) for k, v in out.items()}
+    return out
+
+
+async def _load_milestones(session: AsyncSession) -> dict[str | None, list[MilestoneInfo]]:
     rows = await session.scalars(select(Milestone))
     out: dict[str | None, list[MilestoneInfo]] = defaultdict(list)
     for m in rows:
@@ -331,28 +379,25 @@ class UnitStatusView:
         return sum(1 for s in self.systems if s.stage is Stage.live)
 
 
+_UNIT_WITH_STATUSES = (
+    select(Unit.code, Unit.name, Unit.kind, Unit.province_code, Province.name, Unit.active,
+           Unit.merged_into, UnitSystemStatus.system_code, UnitSystemStatus.stage,
+           UnitSystemStatus.note, UnitSystemStatus.updated_at, Person.full_name)
+    .outerjoin(Province, Province.code == Unit.province_code)
+    .outerjoin(UnitSystemStatus, UnitSystemStatus.unit_code == Unit.code)
+    .outerjoin(Person, Person.id == UnitSystemStatus.updated_by)
+    .where(Unit.code == bindparam("code"))
+)
+
+
 async def unit_status(session: AsyncSession, unit_code: str, today: date) -> UnitStatusView | None:
     """Every system's stage and next milestone for one unit; None if the code is unknown."""
-    row = (
-        await session.execute(
-            select(Unit.code, Unit.name, Unit.kind, Unit.province_code, Province.name,
-                   Unit.active, Unit.merged_into)
-            .outerjoin(Province, Province.code == Unit.province_code)
-            .where(Unit.code == unit_code)
-        )
-    ).first()
-    if row is None:
+    rows = (await session.execute(_UNIT_WITH_STATUSES, {"code": unit_code})).all()
+    if not rows:
         return None
-    code, name, kind, prov, prov_name, active, merged_into = row
-    statuses = {
-        r.system_code: r
-        for r in await session.execute(
-            select(UnitSystemStatus.system_code, UnitSystemStatus.stage, UnitSystemStatus.note,
-                   UnitSystemStatus.updated_at, Person.full_name)
-            .outerjoin(Person, Person.id == UnitSystemStatus.updated_by)
-            .where(UnitSystemStatus.unit_code == code)
-        )
-    }
+    code, name, kind, prov, prov_name, active, merged_into = rows[0][:7]
+    # one round trip: the unit (with its province) outer-joined to its status rows
+    statuses = {r.system_code: r for r in rows if r.system_code is not None}
     by_system = await load_milestones(session)
     lines = []
     for s in await load_systems(session):

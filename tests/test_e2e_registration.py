@@ -88,8 +88,8 @@ async def test_forged_contact_refused_and_audited(live, seeded_maker):
     await emu.send_contact(5002, "+84900000102", contact_user_id=5003)
     [refused] = await emu.wait_for_messages(5002, since=since)
     assert "chính bạn" in refused["text"]
-    # the reply is sent inside the handler, the audit row commits just after it
-    await eventually(seeded_maker, select(AuditLog.id).where(
+    # the reply is sent inside the handler, before its transaction commits the audit row
+    await eventually(seeded_maker, select(AuditLog).where(
         AuditLog.action == "registration.forged_contact"))
     async with seeded_maker() as s:
         person = await s.scalar(select(Person).where(Person.phone == "+84900000102"))
