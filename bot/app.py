@@ -75,6 +75,7 @@ def create_dispatcher(
 ) -> Dispatcher:
     from handlers import (
         approvals,
+        broadcasts,
         errors,
         fallback,
         imports,
@@ -102,6 +103,7 @@ def create_dispatcher(
         imports.router,
         registration.router,
         status.router,
+        broadcasts.router,
         knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )
@@ -120,8 +122,11 @@ class App:
     dp: Dispatcher
     inbox: Inbox
     menu: CommandMenu
+    background: Any = None  # sender + scheduler (bot.background), started with the runner
 
     async def close(self) -> None:
+        if self.background is not None:
+            await self.background.close()
         await self.inbox.drain()
         await self.bot.session.close()
         await self.engine.dispose()
@@ -148,6 +153,10 @@ async def _startup(app: App) -> None:
 
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
+    from bot.background import Background
+
+    app.background = Background(app.settings, app.maker, app.bot)
+    await app.background.start()
 
 
 class RawPoller:

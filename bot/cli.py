@@ -303,6 +303,29 @@ def config_show() -> None:
         typer.echo(f"{key}={value}")
 
 
+@app.command()
+def sender(
+    name: Annotated[str | None, typer.Option(help="Sender name (default HOPNHAT_SENDER_NAME); "
+                                             "two senders running at once need two names.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Sends in flight at once.")] = None,
+) -> None:
+    """Run the outbox sender alone: delivers broadcasts and reminders from the ledger."""
+    settings = _settings()
+    if settings.bot_token is None:
+        typer.secho("HOPNHAT_BOT_TOKEN is not set.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _logging(settings)
+
+    async def go(stop: asyncio.Event) -> None:
+        from bot.background import sender_process
+        from db.migrate import upgrade_async
+
+        await upgrade_async(settings.database_url)
+        await sender_process(settings, stop, name=name, concurrency=concurrency)
+
+    _run_until_signal(go)
+
+
 def main() -> None:
     try:
         app()
