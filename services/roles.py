@@ -37,6 +37,8 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("report", OPERATORS, "report"),
         Permission("chart", OPERATORS, "chart"),
         Permission("import", OPERATORS, "import"),
+        Permission("broadcast", OPERATORS, "broadcast"),
+        Permission("reminders", VERIFIED, "reminders"),
     )
 }
 

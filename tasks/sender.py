@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -130,6 +131,15 @@ class Stats:
     recovered: int = 0  # rows found in "sending" at start-up: possible repeats
 
 
+_LOCAL: weakref.WeakSet[Sender] = weakref.WeakSet()
+
+
+def wake_local_senders() -> None:
+    """Tell the senders of this process that new work is due (they also poll)."""
+    for s in list(_LOCAL):
+        s.wake.set()
+
+
 class Sender:
     """See the module docstring. ``clock`` is injectable so tests can move time."""
 
@@ -152,6 +162,7 @@ class Sender:
         self._slot_freed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self.wake = asyncio.Event()  # set by producers (e.g. a broadcast just started)
+        _LOCAL.add(self)
 
     async def recover(self) -> int:
         async with self.maker() as s:
