@@ -11,6 +11,7 @@ from aiogram.filters.callback_data import CallbackData
 from aiogram.fsm.context import FSMContext
 from aiogram.fsm.state import State, StatesGroup
 from aiogram.types import CallbackQuery, InlineKeyboardButton, InlineKeyboardMarkup, Message
+from markupsafe import Markup
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -147,7 +148,8 @@ async def got_text(message: Message, state: FSMContext, session: AsyncSession,
         return
     await state.set_state(BcFlow.audience)
     await state.update_data(bc_text=source)
-    await ask(message, state, t("bc.preview", lang, text=text), _audience_choices(lang))
+    # the rendered message is already safe HTML (sandboxed, autoescaped)
+    await ask(message, state, t("bc.preview", lang, text=Markup(text)), _audience_choices(lang))
 
 
 async def _confirm(target: Message, state: FSMContext, session: AsyncSession, lang: str,
