@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Settings
 from bot.middlewares import PostCommit
-from db.models import Province, Role, Stage, UnitKind
+from db.models import Province, Role, UnitKind
 from handlers.ui import Choice, TypedChoice, ask, remember, reply_target
 from services import broadcasts, reminders, status
 from services.audit import Actor
@@ -28,11 +28,7 @@ from services.texts import t
 
 router = Router(name=__name__)
 PERM = "broadcast"
-STAGE_GROUPS: dict[str, tuple[str, ...]] = {
-    "behind": (Stage.not_started.value, Stage.surveyed.value, Stage.pilot.value),
-    "deployed": (Stage.deployed.value, Stage.trained.value),
-    "live": (Stage.live.value,),
-}
+STAGE_GROUPS = broadcasts.STAGE_GROUPS
 KINDS = (UnitKind.ward, UnitKind.commune, UnitKind.special_zone, UnitKind.department,
          UnitKind.party_office, UnitKind.province_office)
 

@@ -47,6 +47,12 @@ CHANNEL = "telegram"
 _ENV = ImmutableSandboxedEnvironment(autoescape=True, undefined=StrictUndefined)
 _JINJA_PART = re.compile(r"({{.*?}}|{%.*?%}|{#.*?#})", re.S)
 VARIABLES = ("name", "unit", "province", "role")
+# audience by progress on a system: the stages each choice stands for
+STAGE_GROUPS: dict[str, tuple[str, ...]] = {
+    "behind": (Stage.not_started.value, Stage.surveyed.value, Stage.pilot.value),
+    "deployed": (Stage.deployed.value, Stage.trained.value),
+    "live": (Stage.live.value,),
+}
 
 
 class BroadcastError(Exception):
