@@ -86,3 +86,23 @@ async def test_standard_jobs_registered_once_across_restarts(db_url):
             assert await s.scalar(text("SELECT count(*) FROM apscheduler_jobs")) == 2
     finally:
         await engine.dispose()
+
+
+async def test_daily_job_plans_reminders_once_on_a_moved_clock(seeded_maker, db_url):
+    from sqlalchemy import select
+
+    from db.models import Delivery
+    from tasks.scheduler import daily_job
+    from tests.test_reminders import MORNING, people
+
+    await people(seeded_maker)
+    settings = load_settings(database_url=db_url)
+    scheduler = await start_scheduler(settings, seeded_maker, clock=lambda: MORNING,
+                                      standard_jobs=False)
+    scheduler.shutdown(wait=False)
+    await daily_job()
+    await daily_job()  # e.g. run again after a restart: nothing new
+    async with seeded_maker() as s:
+        chats = list(await s.scalars(select(Delivery.chat_id).where(
+            Delivery.key == "r:hcm_qlvb_rollout:7").order_by(Delivery.chat_id)))
+    assert chats == ["7101", "7102", "7104"]

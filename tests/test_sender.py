@@ -227,6 +227,9 @@ async def test_sigkill_mid_broadcast_then_restart(emu, maker, db_url, tmp_path):
                          HOPNHAT_SENDER_CONCURRENCY=str(concurrency)).start()
     try:
         await until(lambda: _sent_at_least(emu, 40), 60, "40 messages before the kill")
+        # kill while sends are in flight (rows durably "sending"), not in the instant between
+        # one batch's outcomes and the next claim
+        await until(lambda: _sending(maker), 30, "rows in flight")
         proc.kill()
         async with maker() as s:
             in_flight = set(await s.scalars(select(Delivery.chat_id).where(
@@ -253,6 +256,12 @@ async def test_sigkill_mid_broadcast_then_restart(emu, maker, db_url, tmp_path):
     log = (tmp_path / "sender.log").read_text()
     assert f"{len(in_flight)} deliveries were in flight" in log
     assert "Traceback" not in log, log[-3000:]
+
+
+async def _sending(maker) -> bool:
+    async with maker() as s:
+        return bool(await s.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.state == "sending")))
 
 
 async def _sent_at_least(emu, n: int) -> bool:
