@@ -106,3 +106,42 @@ async def test_daily_job_plans_reminders_once_on_a_moved_clock(seeded_maker, db_
         chats = list(await s.scalars(select(Delivery.chat_id).where(
             Delivery.key == "r:hcm_qlvb_rollout:7").order_by(Delivery.chat_id)))
     assert chats == ["7101", "7102", "7104"]
+
+
+async def test_scheduled_broadcast_survives_a_restart_across_its_time(seeded_maker, db_url):
+    from sqlalchemy import func, select
+
+    from db.models import Broadcast, Delivery
+    from services import broadcasts
+    from services.audit import Actor
+    from tasks.scheduler import schedule_broadcast_job
+    from tests.ledger_helpers import add_recipients
+
+    await _clear(db_url)
+    await add_recipients(seeded_maker, 5, first=9700)
+    when = datetime.now(UTC) + timedelta(seconds=1.5)
+    async with seeded_maker() as s:
+        b = await broadcasts.create(s, Actor.system("test"), "Hẹn {{ name }}",
+                                    broadcasts.Audience())
+        await broadcasts.schedule(s, b.id, when, Actor.system("test"))
+        await s.commit()
+    settings = load_settings(database_url=db_url)
+    scheduler = await start_scheduler(settings, seeded_maker, standard_jobs=False)
+    assert schedule_broadcast_job(b.id, when)
+    scheduler.shutdown(wait=False)  # down across the scheduled time
+    await asyncio.sleep(2.5)
+    async with seeded_maker() as s:
+        assert (await s.get(Broadcast, b.id)).state == "scheduled"
+    scheduler = await start_scheduler(settings, seeded_maker, standard_jobs=False)
+    try:
+        async def started() -> bool:
+            async with seeded_maker() as s:
+                row = await s.get(Broadcast, b.id, populate_existing=True)
+                return row.state == "sending"
+        await until(started, 10, "the missed broadcast job to run after the restart")
+        assert scheduler.get_job(f"broadcast:{b.id}") is None  # a date job runs once
+    finally:
+        scheduler.shutdown(wait=False)
+    async with seeded_maker() as s:
+        assert await s.scalar(select(func.count()).select_from(Delivery).where(
+            Delivery.broadcast_id == b.id)) == 5
