@@ -323,7 +323,13 @@ def sender(
         await upgrade_async(settings.database_url)
         await sender_process(settings, stop, name=name, concurrency=concurrency)
 
-    _run_until_signal(go)
+    from tasks.sender import SenderNameInUse
+
+    try:
+        _run_until_signal(go)
+    except SenderNameInUse as exc:
+        typer.secho(f"Not started: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
 
 
 broadcast_app = typer.Typer(help="Send, schedule, list, pause, resume or cancel broadcasts.",

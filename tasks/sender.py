@@ -24,6 +24,7 @@ import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from aiogram import Bot
 from aiogram.exceptions import (
@@ -36,6 +37,7 @@ from aiogram.exceptions import (
     TelegramServerError,
     TelegramUnauthorizedError,
 )
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.config import Settings
@@ -153,6 +155,10 @@ class Stats:
 _LOCAL: weakref.WeakSet[Sender] = weakref.WeakSet()
 
 
+class SenderNameInUse(RuntimeError):
+    """Another live sender has this name."""
+
+
 def wake_local_senders() -> None:
     """Tell the senders of this process that new work is due (they also poll)."""
     for s in list(_LOCAL):
@@ -192,7 +198,32 @@ class Sender:
                         "them (each may reach its recipient twice)", self.name, len(ids))
         return len(ids)
 
+    async def _lock_name(self) -> Any:
+        """PostgreSQL: hold an advisory lock on the sender's name for the process's life, so
+        two senders with one name (which would take back each other's in-flight rows as
+        crashed) cannot run at once. SQLite runs one sender per database file."""
+        engine = self.maker.kw.get("bind")
+        if engine is None or engine.dialect.name != "postgresql":
+            return None
+        conn = await engine.connect()
+        got = await conn.scalar(text("SELECT pg_try_advisory_lock(hashtext(:k))"),
+                                {"k": f"hopnhat-sender:{self.name}"})
+        await conn.commit()
+        if not got:
+            await conn.close()
+            raise SenderNameInUse(f"another sender named {self.name!r} is running on this "
+                                  "database (HOPNHAT_SENDER_NAME)")
+        return conn
+
     async def run(self, stop: asyncio.Event) -> None:
+        lock = await self._lock_name()
+        try:
+            await self._run(stop)
+        finally:
+            if lock is not None:
+                await lock.close()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.recover()
         writer = asyncio.create_task(self._writer(stop))
         housekeeping = asyncio.create_task(self._housekeeping(stop))

@@ -320,3 +320,32 @@ async def test_recover_counts_only_own_or_expired_claims(maker):
     async with maker() as s:
         summary = await deliveries.ledger_summary(s)
     assert summary["pending"] == 3 and summary["uncertain"] == 3
+
+
+async def test_two_senders_with_one_name_refused_on_postgresql(emu):
+    from tasks.sender import SenderNameInUse
+
+    name = await create_pg_database()
+    url = pg_url(name)
+    try:
+        from db.migrate import upgrade_async
+
+        await upgrade_async(url)
+        engine = make_engine(url)
+        maker = make_sessionmaker(engine)
+        settings = sender_settings(emu, url)
+        bot = create_bot(settings)
+        stop = asyncio.Event()
+        first = asyncio.create_task(Sender(maker, bot, settings, name="same").run(stop))
+        await asyncio.sleep(0.5)
+        with pytest.raises(SenderNameInUse):
+            await Sender(maker, bot, settings, name="same").run(asyncio.Event())
+        other = asyncio.create_task(Sender(maker, bot, settings, name="other").run(stop))
+        await asyncio.sleep(0.3)
+        assert not other.done()
+        stop.set()
+        await asyncio.gather(first, other)
+        await bot.session.close()
+        await engine.dispose()
+    finally:
+        await drop_pg_database(name)
