@@ -220,7 +220,10 @@ class Sender:
         try:
             await self._run(stop)
         finally:
-            if lock is not None:
+            if lock is not None:  # pooled connections keep session locks: unlock first
+                await lock.execute(text("SELECT pg_advisory_unlock(hashtext(:k))"),
+                                   {"k": f"hopnhat-sender:{self.name}"})
+                await lock.commit()
                 await lock.close()
 
     async def _run(self, stop: asyncio.Event) -> None:

@@ -284,11 +284,16 @@ async def test_two_sender_processes_on_postgresql(emu, tmp_path):
         await upgrade_async(url)
         engine = make_engine(url)
         maker = make_sessionmaker(engine)
-        _bid, chats = await _broadcast(maker, 400, 6600, emu)
-        emu.set_latency(0.01, method="sendMessage")
-        procs = [SenderProcess(emu, url, tmp_path / f"s{i}.log", name=f"s{i}",
-                               HOPNHAT_SENDER_CONCURRENCY="8").start() for i in (1, 2)]
+        emu.set_latency(0.05, method="sendMessage")
+        logs = [tmp_path / f"s{i}.log" for i in (1, 2)]
+        procs = [SenderProcess(emu, url, log, name=f"s{i}",
+                               HOPNHAT_SENDER_CONCURRENCY="8").start()
+                 for i, log in zip((1, 2), logs, strict=True)]
         try:
+            async def both_up() -> bool:
+                return all(log.exists() and "started" in log.read_text() for log in logs)
+            await until(both_up, 60, "both senders to start")  # then the work appears
+            _bid, chats = await _broadcast(maker, 400, 6600, emu)
             await until(lambda: _drained(maker), 90, "both senders to finish")
         finally:
             for p in procs:
@@ -349,3 +354,22 @@ async def test_two_senders_with_one_name_refused_on_postgresql(emu):
         await engine.dispose()
     finally:
         await drop_pg_database(name)
+
+
+async def test_too_many_server_errors_end_failed(emu, maker, db_url):
+    emu.add_user(6700, "U")
+    emu.add_user(6701, "V")
+    await enqueue_plain(maker, [6700])
+    emu.inject_fault("sendMessage", 500, count=3)
+    settings = sender_settings(emu, db_url, sender_max_attempts=3)
+    bot = create_bot(settings)
+    try:
+        await run_until_drained(maker, Sender(maker, bot, settings, concurrency=1))
+        rows = await ledger(maker)
+        assert rows["6700"].state == "failed" and rows["6700"].attempts == 3
+        assert emu.sent(6700) == []
+        await enqueue_plain(maker, [6701], key="t:after")  # the sender moved on
+        await run_until_drained(maker, Sender(maker, bot, settings, concurrency=1))
+        assert len(emu.sent(6701)) == 1
+    finally:
+        await bot.session.close()
