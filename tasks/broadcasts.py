@@ -7,10 +7,11 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from aiogram.exceptions import TelegramAPIError
-from sqlalchemy import select
+from sqlalchemy import or_, select
 
 from db.models import Broadcast, BroadcastState
 from services import broadcasts
@@ -20,8 +21,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hopnhat.broadcasts")
 EDIT_EVERY = 3.0  # seconds between edits of one progress message
+FINISHED_SHOWN = timedelta(minutes=10)
 # (progress, rate per second, lang) -> (text, reply_markup or None); supplied by the bot layer
 ProgressView = Callable[[broadcasts.Progress, float, str], tuple[str, Any]]
+
+
+def _live_or_just_finished(now: datetime) -> Any:
+    """Broadcasts whose message may still change: running ones, and finished ones for a
+    while (their final numbers are shown once), not every broadcast ever made."""
+    return or_(
+        Broadcast.state.in_([BroadcastState.scheduled.value, BroadcastState.sending.value,
+                             BroadcastState.paused.value]),
+        Broadcast.finished_at >= now - FINISHED_SHOWN,
+    )
 
 
 def broadcast_housekeeper(view: ProgressView | None = None) -> Housekeeper:
@@ -37,7 +49,7 @@ def broadcast_housekeeper(view: ProgressView | None = None) -> Housekeeper:
                                                Broadcast.progress_message_id, Broadcast.lang,
                                                Broadcast.state)
                                         .where(Broadcast.progress_message_id.is_not(None),
-                                               Broadcast.state != BroadcastState.draft.value)))
+                                               _live_or_just_finished(sender.clock()))))
             progresses = {r.id: await broadcasts.progress(s, r.id) for r in rows}
         now = time.monotonic()
         for r in rows:
