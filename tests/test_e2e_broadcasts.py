@@ -177,3 +177,38 @@ async def test_reminders_view_and_toggle(live, seeded_maker):
             return await s.scalar(select(func.count()).select_from(AuditLog).where(
                 AuditLog.action == "reminders.subscription")) == 2
     await until(audited_twice, 10, "both toggles to be audited")
+
+
+async def test_audience_menus_kind_role_stage_subscribers(live, seeded_maker):
+    emu = live.emu
+    await operator(seeded_maker, emu)
+    await officials(seeded_maker, emu, 2, BEN_THANH, 8701)
+    await add_person(seeded_maker, "Quản Trị", "+84900008799", SAI_GON, role="unit_admin",
+                     telegram_id=8799, verified=True)
+    emu.add_user(8799, "QT")
+
+    async def audience(*steps: str) -> str:
+        await say(emu, OPERATOR_ID, "/broadcast")
+        [msg] = await say(emu, OPERATOR_ID, "Kiểm tra người nhận")
+        for step in steps:
+            [msg] = await press(emu, OPERATOR_ID, msg, step)
+        [cancelled] = await press(emu, OPERATOR_ID, msg, "Hủy")
+        assert "Đã hủy soạn" in cancelled["text"]
+        return msg["text"]
+
+    text = await audience("Theo loại đơn vị", "phường")
+    assert "Số người nhận: 4" in text and "đơn vị loại phường" in text
+    text = await audience("Theo vai trò", "quản trị CNTT")
+    assert "Số người nhận: 1" in text
+    text = await audience("Theo tiến độ", "QLVB", "chưa triển khai")
+    assert "Số người nhận: 4" in text and "QLVB" in text
+    text = await audience("Người theo dõi", "QLVB")
+    assert "Số người nhận: 4" in text
+    # nobody matches: asked again, nothing created
+    await say(emu, OPERATOR_ID, "/broadcast")
+    [msg] = await say(emu, OPERATOR_ID, "Không ai nhận")
+    [kinds] = await press(emu, OPERATOR_ID, msg, "Theo loại đơn vị")
+    [again] = await press(emu, OPERATOR_ID, kinds, "đặc khu")
+    assert "Không có ai" in again["text"] and buttons(again)
+    async with seeded_maker() as s:
+        assert await s.scalar(select(func.count()).select_from(Broadcast)) == 0
