@@ -58,6 +58,7 @@ class Settings(BaseSettings):
     sender_name: str = Field(default="sender", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
     sender_retry_base: float = Field(default=2.0, gt=0)
     sender_max_attempts: int = Field(default=8, ge=1)
+    sender_request_timeout: float = Field(default=30.0, gt=0, le=300)
 
     @field_validator("bot_token", mode="before")
     @classmethod

@@ -46,7 +46,6 @@ from services import deliveries
 from services.deliveries import Claimed, Outcome
 
 log = logging.getLogger("hopnhat.sender")
-REQUEST_TIMEOUT = 30
 MAX_BACKOFF = 300.0
 MAX_RETRY_AFTER_LOOPS = 10
 FLUSH_EVERY = 0.02  # seconds between outcome commits under load
@@ -295,8 +294,9 @@ class Sender:
         for _ in range(MAX_RETRY_AFTER_LOOPS):
             await self.limiter.acquire(chat_id)
             try:
-                msg = await self.bot.send_message(self._target(chat_id), row.text,
-                                                  request_timeout=REQUEST_TIMEOUT)
+                msg = await self.bot.send_message(
+                    self._target(chat_id), row.text,
+                    request_timeout=int(max(1, self.settings.sender_request_timeout)))
             except TelegramRetryAfter as exc:  # not sent: wait and send the same row again
                 self.stats.rate_limited += 1
                 self.limiter.pause(float(exc.retry_after))

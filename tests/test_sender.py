@@ -373,3 +373,19 @@ async def test_too_many_server_errors_end_failed(emu, maker, db_url):
         assert len(emu.sent(6701)) == 1
     finally:
         await bot.session.close()
+
+
+async def test_timeout_is_retried_and_counted_as_a_possible_repeat(emu, maker, db_url):
+    emu.add_user(6800, "U")
+    await enqueue_plain(maker, [6800])
+    emu.inject_fault("sendMessage", 500, count=1, delay=2.5)  # answers after the timeout
+    settings = sender_settings(emu, db_url, sender_request_timeout=1)
+    bot = create_bot(settings)
+    try:
+        await run_until_drained(maker, Sender(maker, bot, settings, concurrency=1))
+    finally:
+        await bot.session.close()
+    row = (await ledger(maker))["6800"]
+    assert row.state == "sent" and row.attempts == 2
+    assert row.uncertain == 1  # the first request might have been delivered: counted
+    assert len(emu.sent(6800)) == 1
