@@ -53,11 +53,10 @@ class Background:
         self.scheduler: Any = None
 
     async def start(self) -> None:
-        self.tasks.append(asyncio.create_task(self.sender.run(self.stop)))
-        with contextlib.suppress(ImportError):
-            from tasks.scheduler import start_scheduler
+        from tasks.scheduler import start_scheduler
 
-            self.scheduler = await start_scheduler(self.settings, self.maker, self.sender)
+        self.tasks.append(asyncio.create_task(self.sender.run(self.stop)))
+        self.scheduler = await start_scheduler(self.settings, self.maker, self.sender)
 
     async def close(self) -> None:
         self.stop.set()
