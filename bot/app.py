@@ -100,6 +100,7 @@ def create_dispatcher(
 ) -> Dispatcher:
     from handlers import (
         approvals,
+        broadcasts,
         errors,
         fallback,
         imports,
@@ -134,6 +135,7 @@ def create_dispatcher(
         support.router,
         tickets.router,
         provisioning.router,
+        broadcasts.router,
         knowledge.router,  # free text not claimed above is a question
         fallback.router,  # catch-all last
     )
@@ -181,6 +183,7 @@ class App:
     _unlisten: Callable[[], Awaitable[None]] | None = None
     background: list[asyncio.Task[None]] = field(default_factory=list)
     stop_background: asyncio.Event = field(default_factory=asyncio.Event)
+    delivery: Any = None  # sender + scheduler (bot.background), started with the runner
 
     def start_workers(self) -> None:
         """Background loops beside the update handling: the support desk and provisioning."""
@@ -200,6 +203,8 @@ class App:
         self.changed(WATCHED_TABLES, frozenset())
 
     async def close(self) -> None:
+        if self.delivery is not None:
+            await self.delivery.close()
         self.stop_background.set()
         for task in self.background:
             with contextlib.suppress(Exception):
@@ -262,6 +267,10 @@ async def _startup(app: App) -> None:
         await warm_up_search(s)
     await app.enable_caches()
     app.start_workers()
+    from bot.background import Background
+
+    app.delivery = Background(app.settings, app.maker, app.bot)
+    await app.delivery.start()
     _freeze_startup_heap()
 
 

@@ -423,6 +423,213 @@ def config_show() -> None:
         typer.echo(f"{key}={value}")
 
 
+@app.command()
+def sender(
+    name: Annotated[str | None, typer.Option(help="Sender name (default HOPNHAT_SENDER_NAME); "
+                                             "two senders running at once need two names.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Sends in flight at once.")] = None,
+) -> None:
+    """Run the outbox sender alone: delivers broadcasts and reminders from the ledger."""
+    settings = _settings()
+    if settings.bot_token is None:
+        typer.secho("HOPNHAT_BOT_TOKEN is not set.", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    _logging(settings)
+
+    async def go(stop: asyncio.Event) -> None:
+        from bot.background import sender_process
+        from db.migrate import upgrade_async
+
+        await upgrade_async(settings.database_url)
+        await sender_process(settings, stop, name=name, concurrency=concurrency)
+
+    from tasks.sender import SenderNameInUse
+
+    try:
+        _run_until_signal(go)
+    except SenderNameInUse as exc:
+        typer.secho(f"Not started: {exc}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+
+
+broadcast_app = typer.Typer(help="Send, schedule, list, pause, resume or cancel broadcasts.",
+                            no_args_is_help=True)
+reminders_app = typer.Typer(help="Deadline reminders from the plan's milestones.",
+                            no_args_is_help=True)
+app.add_typer(broadcast_app, name="broadcast")
+app.add_typer(reminders_app, name="reminders")
+
+
+def _bc_error(exc: Exception, lang: str) -> None:
+    from services import texts
+
+    code = getattr(exc, "code", "state")
+    typer.secho(texts.strip_html(texts.t(f"bc.err.{code}", lang, **getattr(exc, "detail", {}))),
+                fg=typer.colors.RED, err=True)
+
+
+@broadcast_app.command("send")
+def broadcast_send(
+    text: Annotated[str, typer.Argument(help="Jinja2 template: {{ name }}, {{ unit }}, "
+                                             "{{ province }}, {{ role }}.")],
+    province: Annotated[str | None, typer.Option(help="Province code, e.g. 79.")] = None,
+    kind: Annotated[list[str] | None, typer.Option(help="Unit kind (repeatable).")] = None,
+    role: Annotated[list[str] | None, typer.Option(help="Role (repeatable).")] = None,
+    system: Annotated[str | None, typer.Option(help="System code for --stage-group.")] = None,
+    stage_group: Annotated[str | None, typer.Option(help="behind | deployed | live")] = None,
+    subscribers: Annotated[str | None, typer.Option(help="Only people not opted out of "
+                                                         "this system.")] = None,
+    at: Annotated[str | None, typer.Option(help="Schedule: 'dd/mm/yyyy hh:mm' local time.")] = None,
+    dry_run: DryOpt = False,
+) -> None:
+    """Preview a broadcast for its first recipient with the count, then send or schedule it
+    (a running bot or `hopnhat sender` delivers it)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    from datetime import datetime
+
+    from services import broadcasts, texts
+    from services.audit import Actor
+
+    stages = broadcasts.STAGE_GROUPS.get(stage_group or "", ()) if stage_group else ()
+    if stage_group and (not stages or not system):
+        typer.secho("--stage-group needs --system and one of behind, deployed, live",
+                    fg=typer.colors.RED, err=True)
+        raise typer.Exit(2)
+    audience = broadcasts.Audience(province=province, unit_kinds=tuple(kind or ()),
+                                   roles=tuple(role or ()), system=system, stages=stages,
+                                   subscribers=subscribers)
+    when = None
+    if at is not None:
+        try:
+            when = datetime.strptime(at.strip(), "%d/%m/%Y %H:%M").replace(tzinfo=settings.tz)
+        except ValueError:
+            typer.secho(f"Cannot read --at {at!r}: use dd/mm/yyyy hh:mm", fg=typer.colors.RED,
+                        err=True)
+            raise typer.Exit(2) from None
+    lang = settings.default_lang
+    actor = Actor.system("cli:broadcast")
+
+    async def work(s):  # type: ignore[no-untyped-def]
+        try:
+            audience.validate()
+            preview, count = await broadcasts.preview(s, text, audience)
+        except broadcasts.BroadcastError as exc:
+            _bc_error(exc, lang)
+            return 1
+        typer.echo(texts.strip_html(preview))
+        typer.echo(f"recipients: {count}")
+        if dry_run:
+            typer.echo("Dry run: nothing sent.")
+            return 0
+        try:
+            b = await broadcasts.create(s, actor, text, audience, lang)
+            if when is not None:
+                await broadcasts.schedule(s, b.id, when, actor)
+                typer.echo(f"Broadcast #{b.id} scheduled for {when:%d/%m/%Y %H:%M}.")
+            else:
+                n = await broadcasts.start(s, b.id, actor)
+                typer.echo(f"Broadcast #{b.id} queued for {n} recipients.")
+        except broadcasts.BroadcastError as exc:
+            _bc_error(exc, lang)
+            return 1
+        await s.commit()
+        return 0
+
+    raise typer.Exit(asyncio.run(_with_session(settings, work)))
+
+
+@broadcast_app.command("list")
+def broadcast_list() -> None:
+    """Broadcasts, newest first, with their progress."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    from sqlalchemy import select
+
+    from db.models import Broadcast
+    from services import broadcasts
+
+    async def work(s):  # type: ignore[no-untyped-def]
+        for b in await s.scalars(select(Broadcast).order_by(Broadcast.id.desc()).limit(50)):
+            p = await broadcasts.progress(s, b.id)
+            when = f" at {b.scheduled_at:%Y-%m-%d %H:%M}Z" if b.scheduled_at else ""
+            typer.echo(f"#{p.id} {p.state}{when}: sent {p.sent}/{p.total}, blocked {p.blocked}, "
+                       f"failed {p.failed}, remaining {p.remaining}, resent {p.uncertain}")
+
+    asyncio.run(_with_session(settings, work))
+
+
+def _broadcast_action(action: str, broadcast_id: int) -> None:
+    settings = _settings()
+    _logging(settings, quiet=True)
+    from services import broadcasts
+    from services.audit import Actor
+
+    async def work(s):  # type: ignore[no-untyped-def]
+        try:
+            b = await broadcasts.act(s, broadcast_id, broadcasts.Action(action),
+                                     Actor.system("cli:broadcast"))
+        except broadcasts.BroadcastError as exc:
+            _bc_error(exc, settings.default_lang)
+            return 1
+        await s.commit()
+        typer.echo(f"Broadcast #{b.id}: {b.state}")
+        return 0
+
+    raise typer.Exit(asyncio.run(_with_session(settings, work)))
+
+
+@broadcast_app.command("pause")
+def broadcast_pause(broadcast_id: int) -> None:
+    """Pause a broadcast that is sending."""
+    _broadcast_action("pause", broadcast_id)
+
+
+@broadcast_app.command("resume")
+def broadcast_resume(broadcast_id: int) -> None:
+    """Resume a paused broadcast."""
+    _broadcast_action("resume", broadcast_id)
+
+
+@broadcast_app.command("cancel")
+def broadcast_cancel(broadcast_id: int) -> None:
+    """Cancel a broadcast: what is not sent yet will never be."""
+    _broadcast_action("cancel", broadcast_id)
+
+
+@reminders_app.command("plan")
+def reminders_plan(
+    now: Annotated[str | None, typer.Option(help="Plan as of this ISO time (default now).")]
+    = None,
+) -> None:
+    """Plan today's reminders, nags and digests now (idempotent; the bot does it daily)."""
+    settings = _settings()
+    _logging(settings, quiet=True)
+    from datetime import UTC, datetime
+
+    from services import reminders
+    from services.audit import Actor
+
+    moment = datetime.now(UTC)
+    if now:
+        moment = datetime.fromisoformat(now)
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=settings.tz)
+
+    async def work(s):  # type: ignore[no-untyped-def]
+        result = await reminders.plan(s, moment, tz=settings.tz,
+                                      offsets=settings.reminder_offsets,
+                                      actor=Actor.system("cli:reminders"))
+        await s.commit()
+        return result
+
+    r = asyncio.run(_with_session(settings, work))
+    typer.echo(f"planned: {r.due} reminders, {r.nags} overdue nags, {r.digests} digests "
+               "(already planned ones are not repeated)")
+
+
+
+
 def main() -> None:
     try:
         app()

@@ -7,6 +7,7 @@ A bad setting is reported as one line (:class:`ConfigError`), never as a traceba
 from __future__ import annotations
 
 import re
+from datetime import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -19,6 +20,12 @@ from services.sla import BusinessCalendar, CalendarError
 
 TELEGRAM_API_URL = "https://api.telegram.org"
 _TOKEN_RE = re.compile(r"^\d{3,}:[A-Za-z0-9_-]{20,}$")
+_TIME_RE = re.compile(r"([01]?\d|2[0-3]):[0-5]\d")
+
+
+def _hhmm(value: str) -> time:
+    h, m = value.split(":")
+    return time(int(h), int(m))
 
 
 class ConfigError(Exception):
@@ -61,6 +68,18 @@ class Settings(BaseSettings):
     parallel_days: int = Field(default=90, ge=1, le=3650)
     prov_max_attempts: int = Field(default=6, ge=1, le=100)
     prov_retry_seconds: float = Field(default=5.0, gt=0, le=3600)
+    # reminders, broadcasts and the sender (issue 7)
+    reminder_offsets: Annotated[list[int], NoDecode] = Field(default_factory=lambda: [7, 3, 1, 0])
+    reminder_time: str = "08:00"
+    quiet_hours: str = "22:00-07:00"
+    send_rate_global: float = Field(default=30.0, gt=0)
+    send_rate_private: float = Field(default=1.0, gt=0)
+    send_rate_group_per_min: float = Field(default=20.0, gt=0)
+    sender_concurrency: int = Field(default=16, ge=1, le=1000)
+    sender_name: str = Field(default="sender", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    sender_retry_base: float = Field(default=2.0, gt=0)
+    sender_max_attempts: int = Field(default=8, ge=1)
+    sender_request_timeout: float = Field(default=30.0, gt=0, le=300)
 
     @field_validator("bot_token", mode="before")
     @classmethod
@@ -139,6 +158,46 @@ class Settings(BaseSettings):
         from services.addresses import check_pattern
 
         return check_pattern(v)
+    @field_validator("reminder_offsets", mode="before")
+    @classmethod
+    def _split_offsets(cls, v: object) -> object:
+        if isinstance(v, str):
+            parts = [p for p in re.split(r"[,\s;]+", v.strip()) if p]
+            bad = [p for p in parts if not re.fullmatch(r"\d{1,3}", p)]
+            if bad:
+                raise ValueError(f"expected days before a due date, e.g. 7,3,1,0; got {bad[0]!r}")
+            return sorted({int(p) for p in parts}, reverse=True)
+        return v
+
+    @field_validator("reminder_time")
+    @classmethod
+    def _check_time(cls, v: str) -> str:
+        if not _TIME_RE.fullmatch(v.strip()):
+            raise ValueError("expected HH:MM, e.g. 08:00")
+        return v.strip()
+
+    @field_validator("quiet_hours")
+    @classmethod
+    def _check_quiet(cls, v: str) -> str:
+        v = v.strip()
+        if v.lower() in ("", "off", "none"):
+            return "off"
+        parts = [p.strip() for p in v.split("-")]
+        if len(parts) != 2 or not all(_TIME_RE.fullmatch(p) for p in parts):
+            raise ValueError("expected HH:MM-HH:MM (e.g. 22:00-07:00) or off")
+        return f"{parts[0]}-{parts[1]}"
+
+    @property
+    def quiet(self) -> tuple[time, time] | None:
+        """Quiet hours as (start, end) local times; None when switched off."""
+        if self.quiet_hours == "off":
+            return None
+        a, b = self.quiet_hours.split("-")
+        return _hhmm(a), _hhmm(b)
+
+    @property
+    def reminder_clock(self) -> time:
+        return _hhmm(self.reminder_time)
 
     @property
     def tz(self) -> ZoneInfo:

@@ -526,3 +526,105 @@ class ProvNotice(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
+# --- Broadcasts, reminders and the delivery ledger (issue 7) ---------------------------------
+
+
+class BroadcastState(enum.StrEnum):
+    draft = "draft"
+    scheduled = "scheduled"
+    sending = "sending"
+    paused = "paused"
+    cancelled = "cancelled"
+    done = "done"
+
+
+class DeliveryState(enum.StrEnum):
+    pending = "pending"
+    sending = "sending"  # claimed and possibly handed to the API: the only possible repeats
+    sent = "sent"
+    blocked = "blocked"  # 403 or "chat not found": the chat cannot be reached
+    failed = "failed"  # permanent error or too many attempts
+
+
+class Subscription(Base):
+    """A person's opt-in/out of the reminders of one system (no row = opted in)."""
+
+    __tablename__ = "subscriptions"
+
+    person_id: Mapped[int] = mapped_column(ForeignKey("people.id"), primary_key=True)
+    system_code: Mapped[str] = mapped_column(ForeignKey("systems.code"), primary_key=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Broadcast(Base):
+    """An operator's message to an audience; its deliveries are rows of ``deliveries``."""
+
+    __tablename__ = "broadcasts"
+    __table_args__ = (_enum_check("state", "state", BroadcastState),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    template: Mapped[str] = mapped_column(Text)
+    audience: Mapped[dict[str, Any]] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(12), default=BroadcastState.draft.value)
+    scheduled_at: Mapped[datetime | None]
+    created_by: Mapped[int | None] = mapped_column(ForeignKey("people.id"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    sent: Mapped[int] = mapped_column(Integer, default=0)
+    blocked: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    progress_chat_id: Mapped[str | None] = mapped_column(String(64))
+    progress_message_id: Mapped[int | None] = mapped_column(BigInteger)
+    lang: Mapped[str] = mapped_column(String(5), default="vi")
+
+
+class Delivery(Base):
+    """One message to one chat for one broadcast or reminder: the crash-safe ledger.
+
+    ``key`` names what is sent ("b:12", "r:qlvb_all:7:26743", "d:2025-08-01"); the unique
+    (key, chat_id) pair is what makes re-planning and re-sending idempotent.
+    """
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        UniqueConstraint("key", "chat_id", name="uq_deliveries_key_chat"),
+        _enum_check("state", "state", DeliveryState),
+        Index("ix_deliveries_due", "state", "next_try_at"),
+        Index("ix_deliveries_broadcast_state", "broadcast_id", "state"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    key: Mapped[str] = mapped_column(String(120))
+    kind: Mapped[str] = mapped_column(String(12))  # broadcast | reminder | nag | digest
+    broadcast_id: Mapped[int | None] = mapped_column(ForeignKey("broadcasts.id"))
+    person_id: Mapped[int | None] = mapped_column(ForeignKey("people.id"), index=True)
+    channel: Mapped[str] = mapped_column(String(16), default="telegram")
+    chat_id: Mapped[str] = mapped_column(String(64))
+    text: Mapped[str] = mapped_column(Text)
+    quiet: Mapped[bool] = mapped_column(Boolean, default=False)  # deferred in quiet hours
+    state: Mapped[str] = mapped_column(String(10), default=DeliveryState.pending.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_try_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    claimed_at: Mapped[datetime | None]
+    uncertain: Mapped[int] = mapped_column(Integer, default=0)  # re-sends after a crash/timeout
+    message_id: Mapped[int | None] = mapped_column(BigInteger)
+    sent_at: Mapped[datetime | None]
+    error: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+from sqlalchemy import Column, Float, LargeBinary, Table, Unicode  # noqa: E402
+
+# APScheduler 3's SQLAlchemyJobStore table, declared here (same shape as APScheduler's own)
+# so that Alembic creates it and the models-vs-migrations check covers it.
+apscheduler_jobs = Table(
+    "apscheduler_jobs",
+    Base.metadata,
+    Column("id", Unicode(191), primary_key=True),
+    Column("next_run_time", Float(25), index=True),
+    Column("job_state", LargeBinary, nullable=False),
+)

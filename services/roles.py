@@ -50,6 +50,8 @@ PERMISSIONS: dict[str, Permission] = {
         Permission("approve_provisioning", APPROVERS, "approvals"),
         Permission("catalog", OPERATORS, "catalog"),
         Permission("bulk_provision", OPERATORS, "provision"),
+        Permission("broadcast", OPERATORS, "broadcast"),
+        Permission("reminders", VERIFIED, "reminders"),
     )
 }
 
