@@ -20,8 +20,9 @@ from sqlalchemy import func, select
 from bot.app import build_app, run_polling
 from bot.config import Settings
 from bot.emulator import Emulator
+from bot.emulator.server import FIRST_UPDATE_ID
 from db.migrate import upgrade_async
-from db.models import Unit
+from db.models import InboxUpdate, Unit
 from db.session import make_engine, make_sessionmaker
 from services.texts import strip_html
 
@@ -55,13 +56,17 @@ def sample_users() -> list[ConsoleUser]:
     return users
 
 
-async def ensure_database(settings: Settings) -> None:
-    """First run: create the schema and load the register, plan and labelled sample data."""
+async def ensure_database(settings: Settings) -> int:
+    """First run: create the schema and load the register, plan and labelled sample data.
+
+    Returns the first update id the emulator may use: above every update this database has
+    handled, so a second console session on the same file is not taken for re-deliveries."""
     await upgrade_async(settings.database_url)
     engine = make_engine(settings.database_url)
     try:
         async with make_sessionmaker(engine)() as s:
             have_units = await s.scalar(select(func.count()).select_from(Unit))
+            last = await s.scalar(select(func.max(InboxUpdate.update_id)))
     finally:
         await engine.dispose()
     if not have_units:
@@ -70,6 +75,7 @@ async def ensure_database(settings: Settings) -> None:
 
         # the console logs in as the sample staff, so they start verified and linked
         await init_database(settings, sample=True, echo=False, link_sample=True)
+    return max(FIRST_UPDATE_ID, (last or 0) + 1)
 
 
 class Console:
@@ -210,8 +216,8 @@ class Console:
 
 async def run_console(settings: Settings, lines: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    await ensure_database(settings)
-    emu = Emulator()
+    first_update_id = await ensure_database(settings)
+    emu = Emulator(first_update_id=first_update_id)
     url = await emu.start(host="127.0.0.1", port=0)
     settings = settings.model_copy(update={"telegram_api_url": url})
     app = build_app(settings)

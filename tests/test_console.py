@@ -22,3 +22,15 @@ async def test_console_session(tmp_path, capsys) -> None:
     assert "đã được duyệt" in out and "Nguyễn Thị Mai" in out
     assert "Chào Nguyễn Văn An (mẫu)" in out
     assert "Tạm biệt" in out
+
+
+async def test_second_session_on_the_same_database_is_answered(tmp_path, capsys) -> None:
+    """The console's emulator starts afresh each time; its update ids must continue above
+    those the database already handled, or the bot drops them as re-deliveries."""
+    settings = load_settings(bot_token=CONSOLE_TOKEN,
+                             database_url=f"sqlite+aiosqlite:///{tmp_path / 'c.db'}")
+    await run_console(settings, lines=[":u 2", "/start", ":q"])
+    capsys.readouterr()
+    await run_console(settings, lines=[":u 2", "/ticket", ":q"])
+    out = capsys.readouterr().out
+    assert "hệ thống nào gặp sự cố" in out

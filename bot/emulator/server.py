@@ -181,11 +181,12 @@ class BotState:
     """Everything the emulator remembers about one bot (keyed by token digits)."""
 
     def __init__(self, bot_id: int | None, token: str | None,
-                 limits: Callable[[], RateLimits]) -> None:
+                 limits: Callable[[], RateLimits], first_update_id: int = FIRST_UPDATE_ID
+                 ) -> None:
         self.bot_id = bot_id
         self.token = token
         self.updates: list[QueuedUpdate] = []
-        self.next_update_id = FIRST_UPDATE_ID
+        self.next_update_id = first_update_id
         self.allowed_updates: list[str] | None = None
         self.webhook: dict[str, Any] | None = None
         self.webhook_task: asyncio.Task[None] | None = None
@@ -317,7 +318,12 @@ class Emulator:
         privacy_mode: bool = False,
         webhook_timeout: float = 10.0,
         webhook_max_backoff: float = 1.0,
+        first_update_id: int = FIRST_UPDATE_ID,
     ) -> None:
+        # Telegram's update ids only grow; a bot whose database outlives one emulator run
+        # (the console) must get ids above the ones it already handled, or it drops them
+        # as re-deliveries.
+        self.first_update_id = first_update_id
         self.spec: ApiSpec = load_spec(spec_path)
         self.bot_username = bot_username
         self.privacy_mode = privacy_mode
@@ -333,7 +339,7 @@ class Emulator:
         self._unclaimed: BotState | None = None
         if self._default_bot_id is not None:
             self._bots[self._default_bot_id] = BotState(self._default_bot_id, bot_token,
-                                                        self._get_limits)
+                                                        self._get_limits, self.first_update_id)
         self._users: dict[int, dict[str, Any]] = {}
         self._groups: dict[int, dict[str, Any]] = {}
         self._files: dict[str, StoredFile] = {}
@@ -423,7 +429,7 @@ class Emulator:
             return next(iter(self._bots.values()))
         if not self._bots:
             if self._unclaimed is None:
-                self._unclaimed = BotState(None, None, self._get_limits)
+                self._unclaimed = BotState(None, None, self._get_limits, self.first_update_id)
             return self._unclaimed
         raise RuntimeError(f"several bots use this emulator ({sorted(self._bots)}); "
                            "pass bot_id=")
@@ -435,7 +441,7 @@ class Emulator:
                 bot, self._unclaimed = self._unclaimed, None
                 bot.bot_id = bot_id
             else:
-                bot = BotState(bot_id, token, self._get_limits)
+                bot = BotState(bot_id, token, self._get_limits, self.first_update_id)
             self._bots[bot_id] = bot
         if token and not bot.token:
             bot.token = token
