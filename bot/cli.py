@@ -149,12 +149,20 @@ def console(
 def emulator(
     port: Annotated[int, typer.Option(help="TCP port on 127.0.0.1.")] = 8081,
     host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    first_update_id: Annotated[int | None, typer.Option(
+        help="First update id (default: from the clock, so ids keep growing across "
+             "restarts and a bot with an older database does not drop them).")] = None,
 ) -> None:
     """Run the standalone Bot API emulator (point HOPNHAT_TELEGRAM_API_URL at it)."""
+    import time
+
     from bot.emulator import Emulator
+    from bot.emulator.server import FIRST_UPDATE_ID
+
+    first = first_update_id or FIRST_UPDATE_ID + max(0, int(time.time()) - 1_780_000_000) * 10
 
     async def go(stop: asyncio.Event) -> None:
-        emu = Emulator()
+        emu = Emulator(first_update_id=first)
         url = await emu.start(host=host, port=port)
         typer.echo(f"Bot API emulator on {url} (control API under {url}/_emulator/)")
         await stop.wait()
