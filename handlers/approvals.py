@@ -17,7 +17,14 @@ from bot.commands import CommandMenu
 from bot.config import Settings
 from bot.middlewares import PostCommit
 from db.models import RegistrationRequest
-from handlers.ui import Choice, TypedChoice, keyboard, remember, reply_target, state_for
+from handlers.ui import (
+    Choice,
+    TypedChoice,
+    keyboard,
+    remember,
+    reply_target,
+    send_cards_after_commit,
+)
 from services import registration
 from services.audit import Actor
 from services.people import Who
@@ -63,16 +70,7 @@ async def notify_approvers(
         cards.append((int(ident.external_id), await card_text(session, req, lang),
                       decision_choices(req.id, lang)))
 
-    async def send() -> None:
-        for chat_id, text, choices in cards:
-            # remembered first: the approver may type the answer as soon as the card shows
-            await remember(state_for(storage, bot, chat_id), choices)
-            try:
-                await bot.send_message(chat_id, text, reply_markup=keyboard(choices, columns=2))
-            except TelegramAPIError:
-                log.warning("approver chat %s unreachable for request %s", chat_id, req.id)
-
-    post.add(send)
+    send_cards_after_commit(post, bot, storage, cards, f"registration request {req.id}")
     return len(cards)
 
 

@@ -31,7 +31,7 @@ from handlers.ui import (
     keyboard,
     remember,
     reply_target,
-    state_for,
+    send_cards_after_commit,
 )
 from services import bulk_provision, imports
 from services import provisioning as prov
@@ -426,15 +426,7 @@ async def send_cards(session: AsyncSession, bot: Bot, storage: BaseStorage, sett
         cards.append((int(ident.external_id), await card_text(session, req, alang),
                       decision_choices(req.id, alang)))
 
-    async def send() -> None:
-        for chat_id, text, choices in cards:
-            await remember(state_for(storage, bot, chat_id), choices)
-            try:
-                await bot.send_message(chat_id, text, reply_markup=keyboard(choices, columns=2))
-            except TelegramAPIError:
-                log.warning("approver chat %s unreachable for provisioning %s", chat_id, req.id)
-
-    post.add(send)
+    send_cards_after_commit(post, bot, storage, cards, f"provisioning request {req.id}")
     return len(cards)
 
 

@@ -9,6 +9,7 @@ channel, which has no buttons, later needs no new flows).
 from __future__ import annotations
 
 import contextlib
+import logging
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -148,3 +149,19 @@ async def answer_long(target: Message, text: str, **kwargs: Any) -> list[Message
         last = i == len(parts) - 1
         sent.append(await target.answer(part, **(kwargs if last else {})))
     return sent
+
+
+def send_cards_after_commit(post: Any, bot: Bot, storage: BaseStorage,
+                            cards: list[tuple[int, str, list[Choice]]], what: str) -> None:
+    """Decision cards for other people (approvers), sent once the update commits. Each
+    card's choices are remembered first: the approver may type the answer as soon as the
+    card shows. An unreachable chat is logged and the others still get theirs."""
+    async def send() -> None:
+        for chat_id, text, choices in cards:
+            await remember(state_for(storage, bot, chat_id), choices)
+            try:
+                await bot.send_message(chat_id, text, reply_markup=keyboard(choices, columns=2))
+            except TelegramAPIError:
+                logging.getLogger(__name__).warning("chat %s unreachable for %s", chat_id, what)
+
+    post.add(send)
