@@ -361,3 +361,34 @@ async def test_ticket_waits_for_the_support_group(live, seeded_maker):
     async with seeded_maker() as s:
         assert await s.scalar(select(func.count()).select_from(TicketMessage).where(
             TicketMessage.text == "Lỗi từ sáng nay")) == 1
+
+
+async def test_queue_pages(live, seeded_maker):
+    """/queue shows ten tickets a page, most urgent first, with a button to the next."""
+    from services import tickets as tk
+    from services.audit import Actor
+
+    emu = live.emu
+    reporter_id = await add_person(seeded_maker, "Trần Thị Báo", "+84900000701", BEN_THANH,
+                                   verified=True)
+    await add_person(seeded_maker, "Hỗ Trợ A", "+84900000702", BEN_THANH, role="support",
+                     telegram_id=AGENT_A, verified=True)
+    emu.add_user(AGENT_A, "A")
+    async with seeded_maker() as s:
+        reporter = await s.get(Person, reporter_id)
+        made = [await tk.create_ticket(s, reporter, summary=f"Sự cố số {i}", system_code="qlvb",
+                                       severity="critical" if i == 11 else "low",
+                                       actor=Actor.system("test")) for i in range(12)]
+        first, critical = made[0].code, made[-1].code
+        await s.commit()
+    [q] = await say(emu, AGENT_A, "/queue")
+    assert "1–10 trên 12" in q["text"] and q["text"].count("HT-") == 10
+    assert q["text"].index(critical) < q["text"].index(first)  # the critical one leads
+    await emu.press_button(AGENT_A, q, _data(q, "Xem thêm"))
+    for _ in range(100):
+        rec = next(m for m in emu.sent(AGENT_A) if m["message_id"] == q["message_id"])
+        if "11–12 trên 12" in rec["text"]:
+            break
+        await asyncio.sleep(0.05)
+    assert "11–12 trên 12" in rec["text"] and rec["text"].count("HT-") == 2
+    assert any("Trước" in b["text"] for b in buttons(rec))
