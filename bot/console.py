@@ -24,7 +24,6 @@ from bot.emulator.server import FIRST_UPDATE_ID
 from db.migrate import upgrade_async
 from db.models import InboxUpdate, Unit
 from db.session import make_engine, make_sessionmaker
-from services.texts import strip_html
 
 NEW_USER_ID = 899999
 QUIET_AFTER = 0.6  # seconds without new bot output before the prompt returns
@@ -94,7 +93,9 @@ class Console:
         print(text, file=self.out, flush=True)
 
     def render(self, msg: dict[str, Any], edited: bool = False) -> None:
-        body = strip_html(msg.get("text") or msg.get("caption") or "")
+        # the emulator's record holds the text as Telegram renders it (markup already
+        # turned into entities): a name like "<b>Lê</b>" is literal and must stay so
+        body = msg.get("text") or msg.get("caption") or ""
         if msg.get("document"):
             body = f"[tệp / file: {msg['document'].get('file_name')}] " + body
         if msg.get("photo"):

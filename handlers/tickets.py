@@ -105,7 +105,8 @@ async def on_system(event: Message | CallbackQuery, callback_data: RepCb, state:
 async def ask_severity(target: Message, state: FSMContext, lang: str) -> None:
     await state.set_state(Rep.severity)
     await ask(target, state, t("tk.ask_severity", lang), [
-        Choice(t(f"btn.tk_sev_{s}", lang), RepCb(step="sev", value=s).pack())
+        Choice(t(f"btn.tk_sev_{s}", lang), RepCb(step="sev", value=s).pack(),
+               (s, t(f"ticket.severity.{s}", lang)))  # "khẩn cấp" typed works too
         for s in SEVERITIES])
 
 
@@ -183,7 +184,10 @@ async def on_files_done(event: Message | CallbackQuery, state: FSMContext,
                        RepCb(step="go", value=tk.code).pack()) for tk in same[:3]]
     choices.append(Choice(t("btn.cancel", lang), RepCb(step="go", value="cancel").pack(),
                           ("huy", "cancel")))
-    await ask(target, state, t("tk.confirm", lang, rep=rep, files=len(rep.get("files") or []),
+    system = next((f"{x.abbr} — {x.name(lang)}" for x in await status.load_systems(session)
+                   if x.code == rep.get("system")), None)
+    await ask(target, state, t("tk.confirm", lang, rep=rep, system=system,
+                               files=len(rep.get("files") or []),
                                hints=[h.answer(lang) for h in hints], same=same,
                                sev=t(f"btn.tk_sev_{rep.get('severity', 'normal')}", lang)),
               choices)
