@@ -13,18 +13,16 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime, timedelta
-from typing import Any
 
 from aiogram import Bot
 from aiogram.exceptions import TelegramAPIError
 from aiogram.filters.callback_data import CallbackData
 from aiogram.types import InlineKeyboardButton, InlineKeyboardMarkup, Message, MessageEntity
-from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.config import Settings
 from bot.middlewares import PostCommit
-from db.models import Ticket, TicketMessage, TicketStatus, utcnow
+from db.models import Person, Ticket, TicketMessage, TicketStatus, utcnow
 from services import tickets
 from services.texts import norm_lang, t
 
@@ -80,19 +78,11 @@ class Desk:
         self.lang = settings.default_lang  # the group's language
         self.wakeup = asyncio.Event()  # set when a ticket waits to be published
 
-    def kick(self) -> None:
+    async def kick(self) -> None:
+        """Wake the ticket worker (a post-commit job: the ticket it publishes is committed)."""
         self.wakeup.set()
 
     # ---------------------------------------------------------------- support group side
-
-    async def _locked(self, session: AsyncSession, ticket_id: int) -> Ticket | None:
-        stmt = select(Ticket).where(Ticket.id == ticket_id).execution_options(
-            populate_existing=True)
-        if session.get_bind().dialect.name != "sqlite":
-            stmt = stmt.with_for_update()
-        else:  # take the write lock now: a second worker waits, then sees it published
-            await session.execute(text("UPDATE tickets SET id = id WHERE 1 = 0"))
-        return await session.scalar(stmt)
 
     async def publish(self, ticket_id: int) -> bool:
         """Open the ticket's forum topic (or post its card) in the support group, with the
@@ -101,7 +91,7 @@ class Desk:
             group = await tickets.current_support_group(session)
             if group is None:
                 return False
-            ticket = await self._locked(session, ticket_id)
+            ticket = await tickets.lock(session, ticket_id)  # a second worker waits, then skips
             if ticket is None or ticket.group_chat_id is not None:
                 return True
             chat_id = int(group.chat_id)
@@ -228,7 +218,7 @@ class Desk:
             await session.commit()
 
     async def notify_staff(self, key: str, *, operators_only: bool,
-                           people: list[tuple[Any, str, str | None]] | None = None,
+                           people: list[tuple[Person, str, str | None]] | None = None,
                            **params: object) -> None:
         """A private notice to every operator (or every agent), each in their language."""
         if people is None:

@@ -33,7 +33,7 @@ from services.units import search_units
 
 router = Router(name=__name__)
 GROUP = F.chat.type.in_({"group", "supergroup"})
-NOTE_PREFIXES = ("#note", "#ghichu", "#noibo")
+NOTE_WORDS = ("note", "ghichu", "noibo")  # after "#": "#note", "#ghichú", "#nộibộ"
 QUEUE_PAGE = 10
 MINE_WORDS = frozenset({"mine", "cua toi", "toi"})
 UNASSIGNED_WORDS = frozenset({"unassigned", "chua nhan", "chua giao"})
@@ -59,11 +59,7 @@ async def set_group(message: Message, session: AsyncSession, who: Who, lang: str
     await tickets.set_support_group(session, str(message.chat.id), message.chat.title,
                                     bool(message.chat.is_forum), who.person, actor)
     await message.answer(t("sp.group_set", lang, forum=bool(message.chat.is_forum)))
-    post.add(lambda: _kick(desk))  # tickets reported before the group existed appear now
-
-
-async def _kick(desk: Desk) -> None:
-    desk.kick()
+    post.add(desk.kick)  # tickets reported before the group existed appear now
 
 
 @router.callback_query(TkAct.filter())
@@ -153,8 +149,8 @@ async def from_group(message: Message, session: AsyncSession, who: Who | None, l
         return  # not staff: the group is theirs to talk in, nothing reaches the reporter
     text_ = message.text or message.caption or ""
     src = (str(message.chat.id), message.message_id)
-    if fold(text_).startswith(tuple(p.lstrip("#") for p in NOTE_PREFIXES)) and \
-            text_.lstrip().startswith("#"):
+    head = text_.lstrip()
+    if head.startswith("#") and fold(head[1:]).startswith(NOTE_WORDS):
         await tickets.add_message(session, ticket, "note", person, text_, src=src)
         return
     if ticket.status == "closed":

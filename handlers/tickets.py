@@ -3,8 +3,6 @@ tickets on the same system shown first, a code like HT-000123, and /mytickets.""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 from aiogram import F, Router
 from aiogram.dispatcher.event.bases import SkipHandler
 from aiogram.filters import Command, StateFilter
@@ -226,18 +224,12 @@ async def on_go(event: Message | CallbackQuery, callback_data: RepCb, state: FSM
     incident = await tickets.open_incident_for(session, ticket.system_code)
     if incident is not None:  # a known problem: link it so its resolution reaches this reporter
         await tickets.link_to_incident(session, incident.id, [ticket.id], who.person, actor)
-    post.add(_kick(desk))
+    post.add(desk.kick)
     sent = await target.answer(t("tk.created", lang, code=ticket.code, due=ticket.sla_due_at,
                                  incident=incident.title if incident is not None else None))
     # replying to this notice later adds to the ticket
     await tickets.add_message(session, ticket, "system", None, None,
                               dst=(str(sent.chat.id), sent.message_id))
-
-
-def _kick(desk: Desk) -> Callable[[], Awaitable[None]]:
-    async def job() -> None:
-        desk.kick()
-    return job
 
 
 @router.message(StateFilter(Rep.system, Rep.severity, Rep.files, Rep.confirm),

@@ -432,7 +432,7 @@ def _snapshot(ticket: Ticket) -> dict[str, Any]:
     return snap
 
 
-async def _lock(session: AsyncSession, ticket_id: int) -> Ticket | None:
+async def lock(session: AsyncSession, ticket_id: int) -> Ticket | None:
     """Re-read the ticket under a write lock held until the caller's commit."""
     stmt = select(Ticket).where(Ticket.id == ticket_id).execution_options(
         populate_existing=True)
@@ -473,7 +473,7 @@ async def act(
         return _refused(ActOutcome.forbidden, ticket)
     if not _value_ok(action, value, reason):
         return _refused(ActOutcome.bad_value, ticket)
-    locked = await _lock(session, ticket_id)
+    locked = await lock(session, ticket_id)
     if locked is None:
         return ActResult(ActOutcome.not_found)
     ticket = locked
