@@ -59,25 +59,20 @@ class LiveBot:
             await self.app.close()
 
 
-class BotProcess:
-    """``python -m bot run`` as a child process, so tests can SIGKILL it."""
+class ChildProcess:
+    """``python -m bot <command>`` as a child process, so tests can SIGKILL it."""
 
-    def __init__(self, emu_url: str, db_url: str, log_path: Path) -> None:
-        self.env = {
-            **os.environ,
-            "HOPNHAT_BOT_TOKEN": TOKEN,
-            "HOPNHAT_TELEGRAM_API_URL": emu_url,
-            "HOPNHAT_DATABASE_URL": db_url,
-            "HOPNHAT_ADMIN_IDS": str(OPERATOR_ID),
-            "HOPNHAT_LOG_LEVEL": "INFO",
-        }
+    command = "run"
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bot", "run"], cwd=ROOT, env=self.env,
+            [sys.executable, "-m", "bot", self.command], cwd=ROOT, env=self.env,
             stdout=log, stderr=subprocess.STDOUT,
         )
 
@@ -90,10 +85,24 @@ class BotProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(15)
+                self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+class BotProcess(ChildProcess):
+    """``python -m bot run`` against the emulator."""
+
+    def __init__(self, emu_url: str, db_url: str, log_path: Path) -> None:
+        super().__init__({
+            **os.environ,
+            "HOPNHAT_BOT_TOKEN": TOKEN,
+            "HOPNHAT_TELEGRAM_API_URL": emu_url,
+            "HOPNHAT_DATABASE_URL": db_url,
+            "HOPNHAT_ADMIN_IDS": str(OPERATOR_ID),
+            "HOPNHAT_LOG_LEVEL": "INFO",
+        }, log_path)
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import subprocess
-import sys
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -29,7 +26,7 @@ from tests.ledger_helpers import (
     sent_per_chat,
     until,
 )
-from tests.live import TOKEN, settings_for
+from tests.live import TOKEN, ChildProcess, settings_for
 
 
 def sender_settings(emu, db_url: str, **extra):
@@ -173,37 +170,22 @@ async def test_quiet_hours_defer_not_drop(emu, maker, db_url):
         await bot.session.close()
 
 
-class SenderProcess:
+class SenderProcess(ChildProcess):
     """``python -m bot sender`` as a child process, so it can be SIGKILLed."""
 
+    command = "sender"
+
     def __init__(self, emu, db_url: str, log: Path, name: str = "sender", **env: str) -> None:
-        self.env = {**os.environ, "HOPNHAT_BOT_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
-                    "HOPNHAT_TELEGRAM_API_URL": f"http://127.0.0.1:{emu.port}",
-                    "HOPNHAT_DATABASE_URL": db_url, "HOPNHAT_SENDER_NAME": name,
-                    "HOPNHAT_SEND_RATE_GLOBAL": "2000", "HOPNHAT_SEND_RATE_PRIVATE": "100",
-                    "HOPNHAT_LOG_LEVEL": "INFO", **env}
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
+        super().__init__({
+            **os.environ, "HOPNHAT_BOT_TOKEN": TOKEN, "PYTHONPATH": str(ROOT),
+            "HOPNHAT_TELEGRAM_API_URL": f"http://127.0.0.1:{emu.port}",
+            "HOPNHAT_DATABASE_URL": db_url, "HOPNHAT_SENDER_NAME": name,
+            "HOPNHAT_SEND_RATE_GLOBAL": "2000", "HOPNHAT_SEND_RATE_PRIVATE": "100",
+            "HOPNHAT_LOG_LEVEL": "INFO", **env}, log)
 
     def start(self) -> SenderProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "bot", "sender"], cwd=ROOT,
-                                     env=self.env, stdout=self.log.open("ab"),
-                                     stderr=subprocess.STDOUT)
+        super().start()
         return self
-
-    def kill(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def terminate(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 async def _broadcast(maker, n: int, first: int, emu) -> tuple[int, list[int]]:
