@@ -44,6 +44,55 @@ def chat_key(payload: dict[str, Any]) -> str:
     return "other"
 
 
+class DoneMarks:
+    """"Done" marks of updates whose handler read but wrote nothing, written a few at a time.
+
+    Why: for a read-only answer (/start of a known user, a status question) the mark was the
+    update's only write, and its own transaction (BEGIN, UPDATE, COMMIT) cost more than the
+    rest of the handling. Marks wait at most ``delay`` seconds and go out in one statement.
+    A crash in that window leaves those updates pending, so they are answered again after the
+    restart: repeats only among the answers in flight at the crash, as for any send, and
+    never a repeated write, because an update that wrote anything is marked in its own
+    transaction, as before."""
+
+    def __init__(self, maker: async_sessionmaker[AsyncSession], delay: float = 0.05) -> None:
+        self.maker = maker
+        self.delay = delay
+        self._keys: list[tuple[int, int]] = []
+        self._timer: asyncio.Task[None] | None = None
+
+    def add(self, key: tuple[int, int]) -> None:
+        self._keys.append(key)
+        if self._timer is None:
+            self._timer = asyncio.create_task(self._later())
+
+    async def _later(self) -> None:
+        await asyncio.sleep(self.delay)
+        self._timer = None
+        await self.flush()
+
+    async def flush(self) -> None:
+        keys, self._keys = self._keys, []
+        if not keys:
+            return
+        by_bot: dict[int, list[int]] = defaultdict(list)
+        for bot_id, update_id in keys:
+            by_bot[bot_id].append(update_id)
+        try:
+            async with self.maker() as s:
+                now = utcnow()
+                for bot_id, ids in by_bot.items():
+                    await s.execute(update(InboxUpdate).where(
+                        InboxUpdate.bot_id == bot_id, InboxUpdate.update_id.in_(ids),
+                        InboxUpdate.status == "pending").values(status="done", handled_at=now))
+                await s.commit()
+        except Exception:  # the database is away: keep them for the next try
+            log.exception("could not mark %d handled update(s); will retry", len(keys))
+            self._keys[:0] = keys
+            if self._timer is None:
+                self._timer = asyncio.create_task(self._later())
+
+
 class Inbox:
     def __init__(
         self,
@@ -59,6 +108,7 @@ class Inbox:
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sem = asyncio.Semaphore(concurrency)
         self._tasks: set[asyncio.Task[None]] = set()
+        self.marks = DoneMarks(maker)
 
     async def record(self, payloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Store a batch in one statement and one transaction (ignoring updates already
@@ -110,7 +160,8 @@ class Inbox:
         outcome: dict[str, bool] = {}
         try:
             upd = Update.model_validate(payload, context={"bot": self.bot})
-            await self.dp.feed_update(self.bot, upd, inbox_key=key, inbox_outcome=outcome)
+            await self.dp.feed_update(self.bot, upd, inbox_key=key, inbox_outcome=outcome,
+                                      inbox_marks=self.marks)
         except Exception:  # the errors router already logged and apologized
             log.debug("update %s failed", key, exc_info=True)
         if outcome.get("done"):
@@ -157,3 +208,4 @@ class Inbox:
     async def drain(self) -> None:
         while self._tasks:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.marks.flush()

@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from bot.config import Settings
 from bot.fsm_storage import DbStorage, current_session
 from db.models import InboxUpdate, utcnow
+from db.session import used_database
 from services import roles
 from services.audit import Actor
 from services.people import WhoCache, load_who
@@ -68,7 +69,10 @@ class DbSessionMiddleware(BaseMiddleware):
                 finally:
                     current_session.reset(token)
                 key = data.get("inbox_key")
-                if key is not None:
+                marks = data.get("inbox_marks")
+                if key is not None and marks is not None and not used_database(session):
+                    marks.add(key)  # batched (bot/inbox.py DoneMarks): nothing to commit
+                elif key is not None:
                     # Core on the session's connection: no ORM execution overhead
                     conn = await session.connection()
                     await conn.execute(_MARK_DONE, {"b": key[0], "u": key[1], "at": utcnow()})

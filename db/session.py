@@ -17,6 +17,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.orm import ORMExecuteState, Session
 
+from db import sqlite_trips
+
 IDLE_PING_SECONDS = 10.0
 
 
@@ -47,6 +49,7 @@ def make_engine(url: str, *, immediate: bool = False, serving: bool = False, **k
 
         @event.listens_for(engine.sync_engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            sqlite_trips.adopt(dbapi_conn)
             cur = dbapi_conn.cursor()
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA journal_mode=WAL")
@@ -183,6 +186,20 @@ def _on_execute(state: ORMExecuteState) -> None:
         hit = {t for t in WATCHED_TABLES if t in sql}
         if hit and not sql.lstrip().startswith("select"):
             _mark(state.session, hit)
+
+
+_USED = "hopnhat.used_database"
+
+
+@event.listens_for(Session, "after_begin")
+def _after_begin(session: Session, _transaction: Any, _connection: Any) -> None:
+    session.info[_USED] = True  # sticky: a commit inside the handler still counts
+
+
+def used_database(session: AsyncSession | Session) -> bool:
+    """Whether this session ever ran a statement (began a transaction on a connection) or
+    holds changes not yet flushed; a session fed only from the caches did neither."""
+    return bool(session.info.get(_USED) or session.new or session.dirty or session.deleted)
 
 
 @event.listens_for(Session, "after_commit")

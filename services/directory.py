@@ -35,6 +35,8 @@ from ldap3.utils.conv import escape_filter_chars
 from ldap3.utils.dn import escape_rdn
 from ldap3.utils.hashed import hashed
 
+from services import ldap_wire
+
 T = TypeVar("T")
 LOCKED_FOREVER = "000001010000Z"  # ppolicy: locked by an administrator, no expiry
 _UNAVAILABLE_CODES = {51, 52, 80, 81}  # busy, unavailable, other, server down
@@ -354,9 +356,7 @@ class LdapDirectory:
         ok = c.add(dn, ["inetOrgPerson"], self._attrs(entry, password))
         code = self._check(c, ok, f"add {entry.uid}", allow=(68,))  # 68: already exists
         if code != 68:
-            return DirEntry(dn=dn, uid=entry.uid, mail=entry.mail, cn=entry.full_name,
-                            employee=entry.employee, unit_code=entry.unit_code, disabled=False,
-                            must_change=True)
+            return self._created(entry)
         existing = self._get(c, entry.uid)
         if existing is None or existing.employee != entry.employee:
             raise DirectoryConflict(f"{entry.uid} exists for someone else")
@@ -374,7 +374,11 @@ class LdapDirectory:
         out: list[DirEntry | DirectoryError | None] = [None] * len(items)
 
         def work(c: ldap3.Connection) -> None:
-            for i, (entry, password) in enumerate(items):
+            slow = list(range(len(items)))
+            if ldap_wire.supported(c):
+                slow = self._add_pipelined(c, items, out)
+            for i in slow:  # refusals and entries already there: one by one, as ever
+                entry, password = items[i]
                 try:
                     out[i] = self._create_one(c, entry, password)
                 except DirectoryUnavailable:
@@ -385,6 +389,27 @@ class LdapDirectory:
         with contextlib.suppress(DirectoryUnavailable):  # the caller retries items still None
             await self._run(work)
         return out
+
+    def _add_pipelined(self, c: ldap3.Connection, items: list[tuple[NewEntry, str]],
+                       out: list[DirEntry | DirectoryError | None]) -> list[int]:
+        """Plain adds with several in flight (see :mod:`services.ldap_wire`); fills ``out``
+        for the entries created and returns the indexes that need the careful path."""
+        for code in dict.fromkeys(e.unit_code for e, _ in items):
+            self._ensure(c, self.unit_dn(code), ["organizationalUnit"], {"ou": code})
+        requests = ((self.person_dn(e.uid, e.unit_code), ["inetOrgPerson"], self._attrs(e, pw))
+                    for e, pw in items)
+        slow: list[int] = []
+        for i, result in ldap_wire.add_many(c, requests):
+            if result["result"] != 0:
+                slow.append(i)
+                continue
+            out[i] = self._created(items[i][0])
+        return sorted(slow)
+
+    def _created(self, entry: NewEntry) -> DirEntry:
+        return DirEntry(dn=self.person_dn(entry.uid, entry.unit_code), uid=entry.uid,
+                        mail=entry.mail, cn=entry.full_name, employee=entry.employee,
+                        unit_code=entry.unit_code, disabled=False, must_change=True)
 
     async def create(self, entry: NewEntry, password: str) -> DirEntry:
         """One entry (see :meth:`_create_one`)."""

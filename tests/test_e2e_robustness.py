@@ -121,3 +121,42 @@ async def test_emulator_validation_bites_on_bot_calls(live):
     with pytest.raises(Exception, match="parse entities"):
         await live.app.bot.send_message(7004, "<b>unclosed")
     assert texts(emu.sent(7004))
+
+
+async def test_read_only_updates_are_marked_done_in_batches(live, seeded_maker):
+    """An update that wrote nothing (a verified official's repeated /start, answered from the
+    caches) is marked done by the batched marks; one that wrote (a stranger's first /start
+    creates the identity) in its own transaction. Until the batch is written, a restart
+    answers the read-only ones again; nothing is written twice because they wrote nothing."""
+    from tests.test_e2e_registration import BEN_THANH, add_person
+
+    app = live.app
+    assert app is not None
+    app.inbox.marks.delay = 3600.0  # hold the batch for the test
+    emu = live.emu
+    emu.add_user(7005, "Lạ")
+    stranger = (await emu.send_text(7005, "/start"))["update_id"]
+    await emu.wait_for_messages(7005, timeout=15)
+    await add_person(seeded_maker, "Lô Thị Quen", "0912000111", BEN_THANH, telegram_id=7006,
+                     verified=True)
+    emu.add_user(7006, "Quen")
+    ids = []
+    for n in range(1, 5):
+        ids.append((await emu.send_text(7006, "/start"))["update_id"])
+        await emu.wait_for_messages(7006, count=n, timeout=15)
+
+    async def status(i: int) -> str:
+        async with seeded_maker() as s:
+            return (await s.get(InboxUpdate, (BOT_ID, i))).status
+
+    assert await status(stranger) == "done"  # it wrote the identity: marked with it
+    held = [i for i in ids if await status(i) == "pending"]
+    assert held, "repeated /start of a known official must wait for the batch"
+    # a restart now (resume) answers those again: the batch's crash window
+    assert await app.inbox.resume() == len(held)
+    await emu.wait_for_messages(7006, count=4 + len(held), timeout=15)
+    await app.inbox.drain()  # as at shutdown: the held marks are written
+    assert [await status(i) for i in ids] == ["done"] * 4
+    async with seeded_maker() as s:
+        rows = list(await s.scalars(select(InboxUpdate).where(InboxUpdate.update_id.in_(ids))))
+    assert all(r.handled_at is not None for r in rows)
