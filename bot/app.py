@@ -18,7 +18,6 @@ from urllib.parse import urlparse
 import aiohttp
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
-from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.client.telegram import TelegramAPIServer
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramRetryAfter, TelegramServerError
@@ -26,6 +25,7 @@ from aiogram.methods import GetUpdates
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from bot.api_session import FormSession
 from bot.commands import CommandMenu
 from bot.config import ConfigError, Settings
 from bot.fsm_storage import DbStorage
@@ -86,7 +86,7 @@ def create_bot(settings: Settings) -> Bot:
     if settings.bot_token is None:
         raise ConfigError("HOPNHAT_BOT_TOKEN: not set (get one from @BotFather)")
     _pin_response_types()
-    session = AiohttpSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
+    session = FormSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
     return Bot(
         settings.bot_token.get_secret_value(),
         session=session,

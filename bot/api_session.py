@@ -1,0 +1,58 @@
+"""aiogram's aiohttp session with the request body encoded directly.
+
+Why: almost every call the bot makes (sendMessage, editMessageText, answerCallbackQuery) has
+no file, yet aiogram builds an aiohttp ``FormData`` for each, which aiohttp then turns into
+the same ``application/x-www-form-urlencoded`` bytes through several layers; that was about a
+twentieth of the bot's CPU per update. Here those bytes are made with one ``urlencode``. Calls
+with a file (sendDocument, sendPhoto) still go through aiogram's multipart path unchanged.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any, cast
+from urllib.parse import urlencode
+
+from aiogram import Bot
+from aiogram.client.session.aiohttp import AiohttpSession
+from aiogram.exceptions import TelegramNetworkError
+from aiogram.methods import TelegramMethod
+from aiogram.methods.base import TelegramType
+from aiogram.types import InputFile
+from aiohttp import ClientError
+
+_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class FormSession(AiohttpSession):
+    def encode(self, bot: Bot, method: TelegramMethod[Any]) -> bytes | None:
+        """The body as aiogram's form would send it, or None when a file is attached."""
+        files: dict[str, InputFile] = {}
+        fields = []
+        for key, value in method.model_dump(warnings=False).items():
+            value = self.prepare_value(value, bot=bot, files=files)
+            if isinstance(value, Enum):  # a default such as ParseMode.HTML
+                value = value.value
+            if value:  # aiogram leaves out empty values too
+                fields.append((key, value))
+        return None if files else urlencode(fields).encode()
+
+    async def make_request(self, bot: Bot, method: TelegramMethod[TelegramType],
+                           timeout: int | None = None) -> TelegramType:  # noqa: ASYNC109
+        body = self.encode(bot, method)
+        if body is None:
+            return await super().make_request(bot, method, timeout)
+        session = await self.create_session()
+        url = self.api.api_url(token=bot.token, method=method.__api_method__)
+        try:
+            async with session.post(url, data=body, headers=_FORM,
+                                    timeout=self.timeout if timeout is None else timeout
+                                    ) as resp:
+                raw = await resp.text()
+        except TimeoutError as e:
+            raise TelegramNetworkError(method=method, message="Request timeout error") from e
+        except ClientError as e:
+            raise TelegramNetworkError(method=method, message=f"{type(e).__name__}: {e}") from e
+        response = self.check_response(bot=bot, method=method, status_code=resp.status,
+                                       content=raw)
+        return cast(TelegramType, response.result)
