@@ -6,7 +6,9 @@ The task path is what ``hopnhat provision FILE`` does: parse the CSV, upsert the
 queue one auto-approved email job each (one transaction), then the provisioning task
 claims chunks, reserves addresses (committed), creates the entries, marks them done and
 audits every one. The baseline is a bare loop of ``Connection.add`` calls with the same
-attributes (password hashed the same way) on one connection, no database at all.
+attributes (password hashed the same way) on one connection, no database at all. The task
+path pipelines its adds (services/ldap_wire.py), so a third line shows those pipelined adds
+alone: the task path against it is what the database work costs.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from bench.common import drop_pg_database, new_pg_database  # noqa: E402
 from db.migrate import upgrade_async  # noqa: E402
 from db.models import Unit  # noqa: E402
 from db.session import make_engine, make_sessionmaker  # noqa: E402
-from services import bulk_provision  # noqa: E402
+from services import bulk_provision, ldap_wire  # noqa: E402
 from services.audit import Actor  # noqa: E402
 from services.directory import LdapDirectory  # noqa: E402
 from tasks.provisioning import Provisioner, temp_password  # noqa: E402
@@ -76,20 +78,29 @@ async def task_path(url: str, server: SlapdServer, data: bytes) -> tuple[float, 
     return elapsed, done
 
 
-def raw_adds(server: SlapdServer, n: int, ou: str) -> float:
+def _raw_entry(i: int, ou: str) -> tuple[str, list[str], dict[str, str]]:
+    return f"uid=raw{i},ou={ou},{BASE_DN}", ["inetOrgPerson"], {
+        "uid": f"raw{i}", "mail": f"raw{i}@raw.gov.vn", "cn": f"Nguyễn Văn Raw {i}",
+        "sn": "Nguyễn", "givenName": "Raw", "displayName": f"Nguyễn Văn Raw {i}",
+        "employeeNumber": f"raw-{i}", "title": "Chuyên viên",
+        "userPassword": hashed(ldap3.HASHED_SALTED_SHA, temp_password()), "pwdReset": "TRUE"}
+
+
+def raw_adds(server: SlapdServer, n: int, ou: str, pipelined: bool = False) -> float:
+    """The baseline: ``Connection.add`` in a loop; ``pipelined``: the same entries through
+    services.ldap_wire (what the task path uses), still without any database."""
     conn = ldap3.Connection(ldap3.Server(server.url.rstrip("/")), ADMIN_DN, ADMIN_PW,
                             auto_bind=True)
     conn.add(BASE_DN, ["dcObject", "organization"], {"dc": "hopnhat", "o": "hopnhat"})
     conn.add(f"ou={ou},{BASE_DN}", ["organizationalUnit"], {"ou": ou})
     start = time.perf_counter()
-    for i in range(n):
-        ok = conn.add(f"uid=raw{i},ou={ou},{BASE_DN}", ["inetOrgPerson"], {
-            "uid": f"raw{i}", "mail": f"raw{i}@raw.gov.vn", "cn": f"Nguyễn Văn Raw {i}",
-            "sn": "Nguyễn", "givenName": "Raw", "displayName": f"Nguyễn Văn Raw {i}",
-            "employeeNumber": f"raw-{i}", "title": "Chuyên viên",
-            "userPassword": hashed(ldap3.HASHED_SALTED_SHA, temp_password()),
-            "pwdReset": "TRUE"})
-        assert ok, conn.result
+    if pipelined:
+        for _i, result in ldap_wire.add_many(conn, (_raw_entry(i, ou) for i in range(n))):
+            assert result["result"] == 0, result
+    else:
+        for i in range(n):
+            ok = conn.add(*_raw_entry(i, ou))
+            assert ok, conn.result
     elapsed = time.perf_counter() - start
     conn.unbind()
     return elapsed
@@ -114,12 +125,16 @@ async def main() -> None:
         task_s, done = await task_path(url, server, data)
         raw2 = await asyncio.to_thread(raw_adds, server, args.n, "raw2")
         raw_s = (raw1 + raw2) / 2
+        piped = await asyncio.to_thread(raw_adds, server, args.n, "raw3", True)
         print(f"accounts: {args.n} ({'PostgreSQL' if args.pg else 'SQLite'}), "
               f"slapd mdb on loopback")
         print(f"task path : {task_s:7.2f} s  {args.n / task_s:8.0f} accounts/s  ({done} done)")
         print(f"raw ldap3 : {raw_s:7.2f} s  {args.n / raw_s:8.0f} adds/s  "
               f"(before {raw1:.2f} s, after {raw2:.2f} s)")
+        print(f"pipelined : {piped:7.2f} s  {args.n / piped:8.0f} adds/s  "
+              f"(services.ldap_wire alone, no database)")
         print(f"ratio task/raw throughput: {raw_s / task_s:.2f} (target >= 0.8)")
+        print(f"ratio task/pipelined     : {piped / task_s:.2f} (the database's share)")
     finally:
         server.cleanup()
         if pg_name:
