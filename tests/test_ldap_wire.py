@@ -107,3 +107,26 @@ def test_encoding_is_the_ldap_message_pyasn1_reads(size):
     got = {str(a["type"]): [bytes(v) for v in a["vals"]] for a in add["attributes"]}
     assert got == {"objectClass": [b"inetOrgPerson", b"top"], "cn": [value.encode()],
                    "mail": [b"a@x", b"b@x"], "pwdReset": [b"TRUE"]}
+
+
+async def test_server_stopped_with_adds_in_flight(directory, slapd_server):
+    """The server goes away in the middle of a pipelined call: what it had not answered is
+    None (unknown), retried after the restart; every person ends up once, none missing."""
+    import asyncio
+
+    items = [(entry(i, "e", full_name=f"Người {i}"), "Tmp-pass-123456") for i in range(1000)]
+    call = asyncio.create_task(directory.create_many(items))
+    for _ in range(3000):  # poll the server (another process) until 40 entries are there
+        if len(await asyncio.to_thread(ldap_search, slapd_server, "(uid=e-u*)", ["uid"])) >= 40:
+            break
+        await asyncio.sleep(0.01)
+    await asyncio.to_thread(slapd_server.stop)
+    first = await call
+    slapd_server.start()
+    unknown = [i for i, r in enumerate(first) if r is None]
+    assert unknown, "the stop came too late to test anything"
+    assert all(isinstance(r, DirEntry) for r in first if r is not None)
+    again = await directory.create_many([items[i] for i in unknown])
+    assert all(isinstance(r, DirEntry) for r in again)
+    found = ldap_search(slapd_server, "(uid=e-u*)", ["employeeNumber"])
+    assert sorted(int(e["employeeNumber"][0]) for e in found) == [1000 + i for i in range(1000)]
