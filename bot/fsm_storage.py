@@ -30,6 +30,7 @@ current_session: ContextVar[AsyncSession | None] = ContextVar("current_session",
 DIRTY = "fsm_dirty"  # session.info key: {fsm key: generation of our last write}
 Row = tuple[str | None, dict[str, Any], bool]  # committed (state, data, row exists)
 _EMPTY: Row = (None, {}, False)
+_FIELD = {"state": 0, "data": 1}  # positions in a Row
 
 
 class DbStorage(BaseStorage):
@@ -103,8 +104,18 @@ class DbStorage(BaseStorage):
             s.add(row)
         return row
 
+    def _known(self, k: str) -> Row | None:
+        """The key's value as this update sees it, when known without SQL."""
+        shared = current_session.get()
+        if shared is not None and k in shared.info.get(DIRTY, ()):
+            return shared.info[DIRTY][k][1]
+        return self._cache.get(k)
+
     async def _write(self, key: StorageKey, **values: Any) -> None:
         k = self.keys.build(key)
+        known = self._known(k)
+        if known is not None and all(known[_FIELD[n]] == v for n, v in values.items()):
+            return  # unchanged, e.g. aiogram's clear() with no state: no write at all
         async with self._session() as (s, own):
             dirty = s.info.get(DIRTY, {})
             row = dirty[k][2] if k in dirty else await self._row(s, k)
@@ -123,10 +134,7 @@ class DbStorage(BaseStorage):
 
     async def _read(self, key: StorageKey) -> Row:
         k = self.keys.build(key)
-        shared = current_session.get()
-        if shared is not None and k in shared.info.get(DIRTY, ()):
-            return shared.info[DIRTY][k][1]  # this update's own, not yet committed, write
-        hit = self._cache.get(k)
+        hit = self._known(k)  # this update's own uncommitted write, or the cached row
         if hit is not None:
             return hit
         g = self._gen.get(k, 0)
