@@ -106,7 +106,8 @@ def make_sessionmaker(engine: AsyncEngine, info: dict[str, Any] | None = None
 # (``listen_for_changes``). Writes that bypass sessions (psql, an Alembic data migration)
 # are not seen: restart the bot, or ``NOTIFY hopnhat_rows`` on PostgreSQL.
 
-WATCHED_TABLES = frozenset({"people", "chat_identities", "units", "systems", "milestones"})
+WATCHED_TABLES = frozenset({"people", "chat_identities", "units", "systems", "milestones",
+                            "unit_system_status"})
 TOUCH_COLUMNS = frozenset({"last_seen_at", "display_name", "username"})  # nobody caches them
 NOTIFY_CHANNEL = "hopnhat_rows"
 PROCESS_TOKEN = uuid.uuid4().hex  # our own NOTIFYs were already applied locally

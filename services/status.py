@@ -243,18 +243,26 @@ class PlanCache:
     """
 
     TABLES = frozenset({"systems", "milestones"})
+    # a unit's view also shows its name, its statuses and who last changed each one
+    UNIT_TABLES = TABLES | {"unit_system_status", "units", "people"}
+    UNIT_VIEWS = 20_000  # (unit, day) pairs kept; all 3,321 communes fit several times
 
     def __init__(self) -> None:
         self.enabled = False
         self._gen = 0
         self.systems: list[SystemInfo] | None = None
         self.milestones: dict[str | None, list[MilestoneInfo]] | None = None
+        self._unit_gen = 0
+        self.units: dict[tuple[str, date], UnitStatusView | None] = {}
 
     def changed(self, tables: frozenset[str] = TABLES, _touched: frozenset[int] = frozenset()
                 ) -> None:
         if tables & self.TABLES:
             self._gen += 1
             self.systems = self.milestones = None
+        if tables & self.UNIT_TABLES:
+            self._unit_gen += 1
+            self.units.clear()
 
 
 def _plan_cache(session: AsyncSession) -> PlanCache | None:
@@ -391,7 +399,28 @@ _UNIT_WITH_STATUSES = (
 
 
 async def unit_status(session: AsyncSession, unit_code: str, today: date) -> UnitStatusView | None:
-    """Every system's stage and next milestone for one unit; None if the code is unknown."""
+    """Every system's stage and next milestone for one unit; None if the code is unknown.
+
+    The most asked question of all ("where does my unit stand?"): the bot keeps the views
+    (frozen) in its plan cache until any change to what they show, so repeated asks of an
+    unchanged unit need no SQL at all."""
+    cache = _plan_cache(session)
+    if cache is None:
+        return await _unit_status(session, unit_code, today)
+    key = (unit_code, today)
+    if key in cache.units:
+        return cache.units[key]
+    gen = cache._unit_gen
+    view = await _unit_status(session, unit_code, today)
+    if cache._unit_gen == gen:  # no change raced with the read
+        if len(cache.units) >= cache.UNIT_VIEWS:
+            cache.units.clear()
+        cache.units[key] = view
+    return view
+
+
+async def _unit_status(session: AsyncSession, unit_code: str, today: date
+                       ) -> UnitStatusView | None:
     rows = (await session.execute(_UNIT_WITH_STATUSES, {"code": unit_code})).all()
     if not rows:
         return None

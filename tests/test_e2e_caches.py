@@ -131,3 +131,51 @@ async def test_fsm_cache_serves_only_committed_state(db_url, seeded_maker):
             assert rec is not None and rec.state == "flow:a"
     finally:
         await engine.dispose()
+
+
+async def test_unit_status_change_reaches_the_next_unit_view(live, seeded_maker, db_url):
+    """The unit views are cached (the most asked question); a stage set by another engine,
+    then by another process, shows in the very next /unit."""
+    from db.models import Stage
+    from services.audit import Actor
+    from services.status import write_changes
+
+    emu = live.emu
+    await add_person(seeded_maker, "Cán Bộ Tiến Độ", "+84900000603", BEN_THANH,
+                     telegram_id=8103, verified=True)
+    emu.add_user(8103, "Tiến")
+    [first] = await say(emu, 8103, "/unit")
+    [again] = await say(emu, 8103, "/unit")  # from the cache now
+    assert again["text"] == first["text"]
+    assert ": Thí điểm" not in first["text"]  # no system is at pilot yet
+    async with seeded_maker() as s:
+        await write_changes(s, [(BEN_THANH, "qlvb", Stage.pilot, None)],
+                            actor=Actor.system("test"), person_id=None)
+        await s.commit()
+    [now] = await say(emu, 8103, "/unit")
+    assert ": Thí điểm" in now["text"]
+    script = textwrap.dedent(f"""
+        import asyncio
+        from db.models import Stage
+        from db.session import make_engine, make_sessionmaker
+        from services.audit import Actor
+        from services.status import write_changes
+
+        async def main():
+            engine = make_engine({db_url!r}, immediate=True)
+            async with make_sessionmaker(engine)() as s:
+                await write_changes(s, [({BEN_THANH!r}, "qlvb", Stage.live, None)],
+                                    actor=Actor.system("script"), person_id=None)
+                await s.commit()
+            await engine.dispose()
+
+        asyncio.run(main())
+    """)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", script, cwd=ROOT)
+    assert await asyncio.wait_for(proc.wait(), 60) == 0
+    for _ in range(100):  # SQLite: at once (data_version); PostgreSQL: NOTIFY, within moments
+        [reply] = await say(emu, 8103, "/unit")
+        if ": Vận hành chính thức" in reply["text"]:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the bot kept serving a unit status another process changed")
