@@ -51,6 +51,7 @@ from services.folding import fold
 log = logging.getLogger(__name__)
 
 MAX_QUERY_CHARS = 200  # a unit name with its district and province is shorter
+MEMO_SIZE = 4096  # remembered answers per index (a few MB at most)
 MAX_TOKENS = 12
 MAX_SPAN_TOKENS = 7  # longest context phrase ("thanh pho ho chi minh" is 5)
 MAX_INTERPRETATIONS = 24
@@ -333,6 +334,11 @@ class UnitIndex:
     province_docs: dict[str, set[int]] = field(default_factory=dict)
     active_ids: set[int] = field(default_factory=set)
     max_word: int = 0
+    # Recent answers: the same communes are looked up again and again (a unit's staff, a
+    # ward's name in every province's chat). The index never changes once built (a change
+    # to the units builds a new one), so an answer stays right for the index's life.
+    memo: dict[tuple[str, str | None, bool], Matches] = field(default_factory=dict,
+                                                               repr=False)
 
     # ------------------------------------------------------------------ building
 
@@ -705,10 +711,19 @@ class UnitIndex:
         ``include_defunct``, defunct units found by their old name are replaced by the unit
         they became (``Hit.via``) when they match better than any active unit does.
         """
+        key = (query[:MAX_QUERY_CHARS] if isinstance(query, str) else "", province_code,
+               include_defunct)
+        hit = self.memo.get(key)
+        if hit is not None:
+            return hit
         with _gc_paused():
-            return self._search(
+            found = self._search(
                 query, province_code=province_code, include_defunct=include_defunct
             )
+        if len(self.memo) >= MEMO_SIZE:
+            self.memo.clear()
+        self.memo[key] = found
+        return found
 
     def _search(
         self, query: str, *, province_code: str | None, include_defunct: bool
