@@ -86,7 +86,9 @@ async def show_unit(target: Message, state: FSMContext, session: AsyncSession, w
     if view is None:
         await target.answer(t("st.unit_unknown", lang))
         return
-    text = t("st.unit", lang, v=view, lines=view.systems, note=None)
+    text = view.texts.get(lang)
+    if text is None:
+        text = view.texts[lang] = t("st.unit", lang, v=view, lines=view.systems, note=None)
     editable = who.person is not None and status.may_edit(who.person, view.unit_code)
     if editable and view.active:
         await ask(target, state, text, [

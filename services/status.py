@@ -31,7 +31,7 @@ import hashlib
 import unicodedata
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, cast
 
@@ -377,6 +377,8 @@ class UnitStatusView:
     today: date
     systems: list[SystemLine]
     general: list[MilestoneInfo]  # upcoming milestones not tied to a system
+    # the view's message per language, rendered once: cached views are shown many times
+    texts: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def overdue_systems(self) -> int:
