@@ -50,6 +50,7 @@ def configure(timezone: str) -> None:
     """Dates are shown in the deployment's time zone (HOPNHAT_TIMEZONE)."""
     global _tz
     _tz = ZoneInfo(timezone)
+    _rendered.clear()
 
 
 def _dt(value: datetime | date | None, fmt: str = "%H:%M %d/%m/%Y") -> str:
@@ -89,13 +90,34 @@ def norm_lang(lang: str | None) -> str:
     return DEFAULT_LANG
 
 
+# Renders of templates whose parameters are plain values (a button label, a greeting with a
+# name): the same few hundred texts are shown over and over, and a render is a function of
+# (language, key, parameters) alone. Cleared with the catalog or the time zone.
+_PLAIN_PARAMS = frozenset({str, int, float, bool, type(None), date, datetime})
+_rendered: dict[tuple[Any, ...], str] = {}
+RENDERED_MAX = 8192
+
+
 def t(key: str, lang: str | None = None, /, **params: Any) -> str:
     """Render the template ``key`` in ``lang`` (falls back to Vietnamese)."""
+    lang = norm_lang(lang)
+    memo: tuple[Any, ...] | None = None
+    if all(v.__class__ in _PLAIN_PARAMS for v in params.values()):
+        memo = (lang, key, *((k, v.__class__, v) for k, v in params.items()))
+        hit = _rendered.get(memo)
+        if hit is not None:
+            return hit
+
     def inner(k: str, **kw: Any) -> Markup:
         out = t(k, lang, **kw)
         return escape(out) if _is_plain(k) else Markup(out)
 
-    return _template(norm_lang(lang), key).render(t=inner, **params)
+    out = _template(lang, key).render(t=inner, **params)
+    if memo is not None:
+        if len(_rendered) >= RENDERED_MAX:
+            _rendered.clear()
+        _rendered[memo] = out
+    return out
 
 
 def has(key: str, lang: str | None = None) -> bool:
@@ -107,6 +129,7 @@ def keys(lang: str) -> set[str]:
 
 
 def reload() -> None:
+    _rendered.clear()
     _catalog.cache_clear()
     _template.cache_clear()
 

@@ -49,3 +49,26 @@ def test_phone_normalization(raw: str, want: str) -> None:
 def test_bad_phones(raw: str) -> None:
     with pytest.raises(PhoneError):
         normalize_phone(raw)
+
+
+def test_remembered_renders_equal_fresh_ones() -> None:
+    from datetime import UTC, datetime
+
+    when = datetime(2026, 6, 10, 1, 30, tzinfo=UTC)
+    args = {"id": 7, "when": when, "count": 3}
+    first = t("bc.scheduled", "vi", **args)
+    assert t("bc.scheduled", "vi", **args) == first  # served from memory
+    texts._rendered.clear()
+    assert t("bc.scheduled", "vi", **args) == first  # and equal to a fresh render
+    assert t("bc.scheduled", "en", **args) != first  # per language
+    # equal but different values are different parameters (True == 1 in Python)
+    assert t("btn.import_apply", "vi", n=True) == "Nhập True dòng"
+    assert t("btn.import_apply", "vi", n=1) == "Nhập 1 dòng"
+    # the time zone is part of a date's text: changing it forgets the renders
+    texts.configure("UTC")
+    try:
+        assert t("bc.scheduled", "vi", **args) != first
+        assert "01:30" in t("bc.scheduled", "vi", **args)
+    finally:
+        texts.configure("Asia/Ho_Chi_Minh")
+    assert t("bc.scheduled", "vi", **args) == first
