@@ -19,8 +19,10 @@ import aiohttp
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
 from aiogram.client.telegram import TelegramAPIServer
+from aiogram.dispatcher.event.handler import FilterObject
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramRetryAfter, TelegramServerError
+from aiogram.filters import Command
 from aiogram.methods import GetUpdates
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -143,7 +145,43 @@ def create_dispatcher(
         r._parent_router = None
     dp.include_routers(*routers)
     _inline_sync_filters(dp)
+    _gate_commands(dp)
     return dp
+
+
+def command_gate(cmd: Command) -> Callable[[Any], Awaitable[bool]] | None:
+    """A cheap necessary condition of ``cmd``: the first word's prefix and name, as aiogram's
+    own parse takes them. A message for /unit otherwise ran the full Command parse (and a
+    filter call) of every command handler in the routers before it, a tenth of its CPU.
+    None when the filter has a regex command (no cheap test for it)."""
+    if not all(isinstance(c, str) for c in cmd.commands):
+        return None
+    names, prefixes, fold = frozenset(cmd.commands), cmd.prefix, cmd.ignore_case
+
+    async def gate(_gated_event: Any, /) -> bool:
+        text = getattr(_gated_event, "text", None) or getattr(_gated_event, "caption", None)
+        if not text:
+            return False
+        head = text.split(maxsplit=1)
+        if not head or head[0][0] not in prefixes:
+            return False
+        name = head[0][1:].partition("@")[0]
+        return (name.casefold() if fold else name) in names
+
+    return gate
+
+
+def _gate_commands(dp: Dispatcher) -> None:
+    """Put :func:`command_gate` first in every handler with a Command filter; a failed gate
+    means the Command would fail too, so which handler runs never changes."""
+    for router in dp.chain_tail:
+        for observer in router.observers.values():
+            for handler in observer.handlers:
+                cmds = [f.callback for f in handler.filters or ()
+                        if isinstance(f.callback, Command)]
+                gates = [g for g in map(command_gate, cmds) if g is not None]
+                if gates and handler.filters is not None:
+                    handler.filters[:0] = [FilterObject(callback=g) for g in gates]
 
 
 def _inline_sync_filters(dp: Dispatcher) -> None:
