@@ -58,3 +58,28 @@ def test_same_bytes_as_aiogram_form(bot: Bot, method) -> None:
 def test_a_file_goes_through_aiogram_multipart(bot: Bot) -> None:
     doc = SendDocument(chat_id=1, document=BufferedInputFile(b"abc", "a.csv"))
     assert bot.session.encode(bot, doc) is None
+
+
+def test_answers_lose_only_the_returned_message_formatting(bot: Bot) -> None:
+    import json
+
+    from aiogram.methods.base import Response
+    from aiogram.types import Message
+
+    from bot.api_session import loads_without_own_formatting
+
+    sent = {"message_id": 9, "date": 0, "chat": {"id": 1, "type": "private"}, "text": "Đậm",
+            "entities": [{"type": "bold", "offset": 0, "length": 3}],
+            "reply_markup": KB.model_dump(exclude_none=True)}
+    data = loads_without_own_formatting(json.dumps({"ok": True, "result": sent}))
+    msg = Response[Message].model_validate(data, context={"bot": bot}).result
+    assert msg.message_id == 9 and msg.chat.id == 1 and msg.text == "Đậm"
+    assert msg.entities is None
+    assert msg.reply_markup is not None
+    assert msg.reply_markup.model_dump() == KB.model_dump()
+    batch = [{"update_id": 1, "message": sent}]  # lists (getUpdates) are left alone
+    assert loads_without_own_formatting(json.dumps({"ok": True, "result": batch}))[
+        "result"][0]["message"]["entities"] == sent["entities"]
+    assert loads_without_own_formatting('{"ok": false, "error_code": 400}')["error_code"] == 400
+    assert isinstance(bot.session, FormSession)
+    assert bot.session.json_loads is loads_without_own_formatting
