@@ -71,9 +71,14 @@ class WhoCache:
     def changed(self, tables: frozenset[str] = TABLES, touched: frozenset[int] = frozenset()
                 ) -> None:
         """Rows changed (``db.session`` change signal): any of our tables, or only the
-        seen/name columns of these identities."""
-        self._gen += 1
+        seen/name columns of these identities.
+
+        Only a change to what the cache serves bumps the generation (which keeps a racing
+        load from storing what it read). A seen/name bump of one identity just drops that
+        entry: a racing load of the same identity may store the previous ``last_seen_at``,
+        which at worst makes the next update bump it once more."""
         if tables & TABLES:
+            self._gen += 1
             self._rows.clear()
             self._by_identity.clear()
             return

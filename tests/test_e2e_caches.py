@@ -179,3 +179,25 @@ async def test_unit_status_change_reaches_the_next_unit_view(live, seeded_maker,
             return
         await asyncio.sleep(0.05)
     raise AssertionError("the bot kept serving a unit status another process changed")
+
+
+def test_who_cache_a_seen_bump_does_not_spoil_other_loads() -> None:
+    """A last-seen bump of one identity drops that entry only; a load of someone else that
+    raced with it is still kept. A change to people (what the cache serves) spoils it."""
+    from db.models import ChatIdentity
+    from services.people import WhoCache
+
+    cache = WhoCache()
+    cache.enabled = True
+    a, b = ChatIdentity(id=1, channel="telegram", external_id="1"), ChatIdentity(
+        id=2, channel="telegram", external_id="2")
+    cache.put(("telegram", "1"), cache._gen, a, None, None)
+    gen = cache._gen  # a load of identity 2 starts
+    cache.changed(frozenset(), frozenset({1}))  # identity 1 was seen meanwhile
+    cache.put(("telegram", "2"), gen, b, None, None)
+    assert cache.get(("telegram", "1")) is None  # dropped: its last_seen changed
+    assert cache.get(("telegram", "2")) is not None  # kept
+    gen = cache._gen
+    cache.changed(frozenset({"people"}), frozenset())
+    cache.put(("telegram", "1"), gen, a, None, None)  # raced with a real change: not kept
+    assert cache.get(("telegram", "1")) is None and cache.get(("telegram", "2")) is None
