@@ -168,15 +168,19 @@ def command_gate(cmd: Command) -> Callable[[Any], Awaitable[bool]] | None:
         name = head[0][1:].partition("@")[0]
         return (name.casefold() if fold else name) in names
 
+    gate.command_gate = True  # type: ignore[attr-defined]
     return gate
 
 
 def _gate_commands(dp: Dispatcher) -> None:
     """Put :func:`command_gate` first in every handler with a Command filter; a failed gate
-    means the Command would fail too, so which handler runs never changes."""
+    means the Command would fail too, so which handler runs never changes. The routers are
+    module objects, so a process building a second dispatcher finds its gates in place."""
     for router in dp.chain_tail:
         for observer in router.observers.values():
             for handler in observer.handlers:
+                if any(getattr(f.callback, "command_gate", False) for f in handler.filters or ()):
+                    continue
                 cmds = [f.callback for f in handler.filters or ()
                         if isinstance(f.callback, Command)]
                 gates = [g for g in map(command_gate, cmds) if g is not None]

@@ -25,12 +25,16 @@ def message(text: str, caption: bool = False) -> Message:
     return Message.model_validate(data)
 
 
-def command_filters() -> list[Command]:
+def dispatcher():
     from bot.commands import CommandMenu
     from bot.config import Settings
 
     settings = Settings(bot_token=TOKEN, database_url="sqlite+aiosqlite://")
-    dp = create_dispatcher(settings, None, CommandMenu(None, "vi"))  # type: ignore[arg-type]
+    return create_dispatcher(settings, None, CommandMenu(None, "vi"))  # type: ignore[arg-type]
+
+
+def command_filters() -> list[Command]:
+    dp = dispatcher()
     out = []
     for router in dp.chain_tail:
         for observer in router.observers.values():
@@ -71,3 +75,12 @@ async def test_gate_matches_the_command_exactly_without_mentions(cmd: Command) -
 
 def test_regex_commands_are_not_gated() -> None:
     assert command_gate(Command(re.compile(r"item_\d+"))) is None
+
+
+def test_building_another_dispatcher_adds_no_second_gate() -> None:
+    def gates(dp) -> list[int]:
+        return [sum(1 for f in h.filters or () if getattr(f.callback, "command_gate", False))
+                for r in dp.chain_tail for o in r.observers.values() for h in o.handlers]
+
+    first = gates(dispatcher())
+    assert max(first) == 1 and gates(dispatcher()) == first
