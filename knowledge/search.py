@@ -672,8 +672,10 @@ class KnowledgeBase:
     def search(self, query: str, lang: str = "vi", limit: int = 3) -> list[Hit]:
         """Best entries for ``query``, best first; ``lang`` picks nothing here (entries are
         bilingual) but is kept so callers can pass the user's language for rendering."""
-        if not query or not query.strip() or limit <= 0:
-            return []
+        bare = query.strip() if query else ""
+        if limit <= 0 or not any(c.isalnum() for c in bare) or (
+                bare.isdigit() and len(bare) <= 2):
+            return []  # "???", or "2": a stray option number, not a question ("1022" is)
         del lang
         return self._index.search(query[:500], limit)
 

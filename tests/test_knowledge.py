@@ -311,3 +311,12 @@ def test_load_from_folder(tmp_path: Path) -> None:
     with pytest.raises(KnowledgeError, match="duplicate id 'vpn_access' across files"):
         kb.reload()
     assert len(kb) == 2  # the old index is kept
+
+
+@pytest.mark.parametrize("query", ["2", " 10 ", "???", " ", "…!"])
+def test_no_words_no_answer(kb: KnowledgeBase, query: str) -> None:
+    """A stray option number typed with no prompt open is not a question (it once drew the
+    answer about '2 phòng họp trực tuyến')."""
+    assert kb.search(query) == []
+    assert kb.search("hệ thống 1022 triển khai khi nào")  # numbers inside a question count
+    assert kb.search("1022")  # and a system's number alone is a question about it
