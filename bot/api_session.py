@@ -13,18 +13,16 @@ from __future__ import annotations
 
 import json
 from enum import Enum
-from typing import Any, cast
+from typing import Any
 from urllib.parse import urlencode
 
 from aiogram import Bot
 from aiogram.client.session.aiohttp import AiohttpSession
-from aiogram.exceptions import TelegramNetworkError
 from aiogram.methods import TelegramMethod
-from aiogram.methods.base import TelegramType
 from aiogram.types import InputFile
-from aiohttp import ClientError
+from aiohttp.payload import BytesPayload
 
-_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+_FORM = "application/x-www-form-urlencoded"
 
 
 def loads_without_own_formatting(content: str) -> Any:
@@ -59,22 +57,10 @@ class FormSession(AiohttpSession):
                 fields.append((key, value))
         return None if files else urlencode(fields).encode()
 
-    async def make_request(self, bot: Bot, method: TelegramMethod[TelegramType],
-                           timeout: int | None = None) -> TelegramType:  # noqa: ASYNC109
+    def build_form_data(self, bot: Bot, method: TelegramMethod[Any]) -> Any:
+        """What aiogram's own ``make_request`` posts: the urlencoded bytes, or (a file is
+        attached) aiogram's multipart form."""
         body = self.encode(bot, method)
         if body is None:
-            return await super().make_request(bot, method, timeout)
-        session = await self.create_session()
-        url = self.api.api_url(token=bot.token, method=method.__api_method__)
-        try:
-            async with session.post(url, data=body, headers=_FORM,
-                                    timeout=self.timeout if timeout is None else timeout
-                                    ) as resp:
-                raw = await resp.text()
-        except TimeoutError as e:
-            raise TelegramNetworkError(method=method, message="Request timeout error") from e
-        except ClientError as e:
-            raise TelegramNetworkError(method=method, message=f"{type(e).__name__}: {e}") from e
-        response = self.check_response(bot=bot, method=method, status_code=resp.status,
-                                       content=raw)
-        return cast(TelegramType, response.result)
+            return super().build_form_data(bot, method)
+        return BytesPayload(body, content_type=_FORM)
