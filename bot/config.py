@@ -32,6 +32,15 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the message is one human-readable line."""
 
 
+def _int_list(text: str, item: str, what: str) -> list[int]:
+    """A list typed in an env var: numbers separated by commas, spaces or semicolons."""
+    parts = [p for p in re.split(r"[,\s;]+", text.strip()) if p]
+    bad = [p for p in parts if not re.fullmatch(item, p)]
+    if bad:
+        raise ValueError(f"expected {what}; got {bad[0]!r}")
+    return [int(p) for p in parts]
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="HOPNHAT_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
@@ -135,11 +144,7 @@ class Settings(BaseSettings):
     @classmethod
     def _split_ids(cls, v: object) -> object:
         if isinstance(v, str):
-            parts = [p for p in re.split(r"[,\s;]+", v.strip()) if p]
-            bad = [p for p in parts if not re.fullmatch(r"-?\d+", p)]
-            if bad:
-                raise ValueError(f"expected numeric Telegram ids, comma separated; got {bad[0]!r}")
-            return [int(p) for p in parts]
+            return _int_list(v, r"-?\d+", "numeric Telegram ids, comma separated")
         return v
 
     @field_validator("ldap_url")
@@ -158,15 +163,13 @@ class Settings(BaseSettings):
         from services.addresses import check_pattern
 
         return check_pattern(v)
+
     @field_validator("reminder_offsets", mode="before")
     @classmethod
     def _split_offsets(cls, v: object) -> object:
         if isinstance(v, str):
-            parts = [p for p in re.split(r"[,\s;]+", v.strip()) if p]
-            bad = [p for p in parts if not re.fullmatch(r"\d{1,3}", p)]
-            if bad:
-                raise ValueError(f"expected days before a due date, e.g. 7,3,1,0; got {bad[0]!r}")
-            return sorted({int(p) for p in parts}, reverse=True)
+            days = _int_list(v, r"\d{1,3}", "days before a due date, e.g. 7,3,1,0")
+            return sorted(set(days), reverse=True)
         return v
 
     @field_validator("reminder_time")
