@@ -13,7 +13,7 @@ from aiogram.types import CallbackQuery, Message
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from bot.config import Settings
-from handlers.ui import Choice, TypedChoice, answer_long, ask, reply_target
+from handlers.ui import Choice, TypedChoice, answer_long, ask, end_form, reply_target
 from knowledge.search import KnowledgeBase, KnowledgeError
 from knowledge.store import add_faq_file
 from services import imports, reports
@@ -204,9 +204,7 @@ async def on_apply(
     event: Message | CallbackQuery, callback_data: ApplyCb, state: FSMContext,
     session: AsyncSession, bot: Bot, lang: str, actor: Actor, who: Who,
 ) -> None:
-    target = await reply_target(event)
-    data = await state.get_data()
-    await state.clear()
+    target, data = await end_form(event, state)
     if callback_data.action != "apply" or "file_id" not in data:
         await target.answer(t("common.cancelled", lang))
         return

@@ -28,6 +28,7 @@ from handlers.ui import (
     TypedChoice,
     answer_long,
     ask,
+    end_form,
     keyboard,
     remember,
     reply_target,
@@ -364,9 +365,7 @@ async def _confirm(target: Message, state: FSMContext, session: AsyncSession,
 async def on_send(event: Message | CallbackQuery, callback_data: SendCb, state: FSMContext,
                   session: AsyncSession, who: Who, lang: str, actor: Actor, bot: Bot,
                   settings: Settings, fsm_storage: BaseStorage, post: PostCommit) -> None:
-    target = await reply_target(event)
-    data = await state.get_data()
-    await state.clear()
+    target, data = await end_form(event, state)
     if callback_data.action != "send":
         await target.answer(t("common.cancelled", lang))
         return
@@ -688,9 +687,7 @@ async def bulk_apply(event: Message | CallbackQuery, callback_data: BulkCb, stat
                      session: AsyncSession, bot: Bot, who: Who, lang: str, actor: Actor,
                      settings: Settings, sessionmaker: async_sessionmaker[AsyncSession],
                      post: PostCommit) -> None:
-    target = await reply_target(event)
-    data = await state.get_data()
-    await state.clear()
+    target, data = await end_form(event, state)
     if callback_data.action != "apply" or "file_id" not in data:
         await target.answer(t("common.cancelled", lang))
         return

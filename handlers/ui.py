@@ -141,6 +141,15 @@ async def reply_target(event: Message | CallbackQuery, *, drop_keyboard: bool = 
     return msg
 
 
+async def end_form(event: Message | CallbackQuery, state: FSMContext
+                   ) -> tuple[Message, dict[str, Any]]:
+    """The last step of a form: acknowledge it, take the collected data, end the state."""
+    target = await reply_target(event)
+    data = await state.get_data()
+    await state.clear()
+    return target, data
+
+
 async def answer_long(target: Message, text: str, **kwargs: Any) -> list[Message]:
     """Send a text of any length as several messages split on line boundaries."""
     parts = split_text(text)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import socket
 
 import aiohttp
@@ -10,6 +9,7 @@ import pytest
 from sqlalchemy import select
 
 from db.models import InboxUpdate
+from tests.ledger_helpers import until
 from tests.live import BOT_ID, BotProcess, LiveBot, settings_for, texts
 
 
@@ -17,16 +17,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-async def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    loop = asyncio.get_running_loop()
-    end = loop.time() + timeout
-    while loop.time() < end:
-        if await predicate():
-            return
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.slow
@@ -46,7 +36,8 @@ async def test_sigkill_while_handling_then_restart(emu, seeded_maker, db_url, tm
             async with seeded_maker() as s:
                 row = await s.get(InboxUpdate, (BOT_ID, upd["update_id"]))
                 return row is not None and row.attempts >= 1 and emu.pending_updates() == 0
-        await wait_until(in_flight, what="the update to be recorded, confirmed and in progress")
+        await until(in_flight, timeout=20.0,
+                    what="the update to be recorded, confirmed and in progress")
         # pending_updates() == 0: a getUpdates with a higher offset confirmed it
         proc.kill()
         emu.set_latency(0, method="sendMessage")
@@ -62,7 +53,7 @@ async def test_sigkill_while_handling_then_restart(emu, seeded_maker, db_url, tm
             async with seeded_maker() as s:
                 row = await s.get(InboxUpdate, (BOT_ID, upd["update_id"]))
                 return row.status == "done"
-        await wait_until(done, what="the inbox row to be marked done")
+        await until(done, timeout=20.0, what="the inbox row to be marked done")
     finally:
         proc.terminate()
     assert "Traceback" not in proc.log(), proc.log()[-3000:]
