@@ -34,12 +34,10 @@ class TicketWorker:
         self.interval = interval
 
     async def publish_pending(self) -> int:
-        """Publish every waiting ticket; stops early when no support group is configured."""
+        """Publish every waiting ticket; stops at the first ``publish`` that finds no support
+        group (nowhere to publish yet: they wait, in order, for /supportgroup)."""
         done = 0
         failed: set[int] = set()
-        async with self.maker() as session:
-            if await tickets.current_support_group(session) is None:
-                return 0  # nowhere to publish yet: they wait, in order, for /supportgroup
         while True:
             async with self.maker() as session:
                 ids = [x.id for x in await tickets.unpublished(session, limit=20 + len(failed))
