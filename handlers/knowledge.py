@@ -33,13 +33,6 @@ def render_entry(entry: Entry, lang: str) -> str:
     return t("kb.answer", lang, answer=entry.answer(lang), sources=cite(entry.sources))
 
 
-@router.message(StateFilter(None), F.chat.type == "private", F.text,
-                ~F.text.startswith("/"), flags={"perm": "ask"})
-async def question(message: Message, state: FSMContext, kb: KnowledgeBase, lang: str,
-                   who: Who | None) -> None:
-    await answer_question(message, message.text or "", state, kb, lang, who)
-
-
 async def answer_question(message: Message, text: str, state: FSMContext, kb: KnowledgeBase,
                           lang: str, who: Who | None) -> None:
     """Answer from the knowledge base; when unsure, the closest entries and a ticket offer."""
@@ -83,3 +76,12 @@ async def show_entry(event: Message | CallbackQuery, callback_data: KbCb, kb: Kn
         return
     target = await reply_target(event)
     await target.answer(render_entry(entry, lang))
+
+
+# Last in the router: a typed option number ("1" under the suggestions) is taken by the
+# TypedChoice handlers above before it could be read as a new question.
+@router.message(StateFilter(None), F.chat.type == "private", F.text,
+                ~F.text.startswith("/"), flags={"perm": "ask"})
+async def question(message: Message, state: FSMContext, kb: KnowledgeBase, lang: str,
+                   who: Who | None) -> None:
+    await answer_question(message, message.text or "", state, kb, lang, who)

@@ -116,7 +116,9 @@ class TypedChoice(Filter):
             return False  # commands and long texts are never a typed choice
         stored = await stored_choices(state)
         data = match_choice(text, stored)
-        if data is None or not data.startswith(self.cb.__prefix__ + self.cb.__separator__):
+        prefix = self.cb.__prefix__
+        if data is None or (data != prefix  # a CallbackData without fields packs to its prefix
+                            and not data.startswith(prefix + self.cb.__separator__)):
             return False
         try:
             return {"callback_data": self.cb.unpack(data)}

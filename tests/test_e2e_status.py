@@ -225,3 +225,26 @@ async def test_search_typo_and_faq_import_live(live, seeded_maker):
     [kind] = await emu.wait_for_messages(OPERATOR_ID, since=since)
     [err] = await press(emu, OPERATOR_ID, kind, "Hỏi đáp")
     assert "có lỗi" in err["text"]
+
+
+async def test_suggestions_take_typed_numbers_and_words(live, seeded_maker):
+    """Under "not sure" suggestions, "1" opens the first entry (it was read as a new
+    question), and the ticket offer, a button without data fields, takes its number and
+    its words too."""
+    from services.texts import t
+    from tests.test_e2e_registration import add_person, say
+
+    emu = live.emu
+    await add_person(seeded_maker, "Cán Bộ Hỏi", "+84900000701", BEN_THANH,
+                     telegram_id=8201, verified=True)
+    emu.add_user(8201, "Hỏi")
+    [sugg] = await say(emu, 8201, "qlvb")
+    assert sugg["text"] == t("kb.not_sure", "vi")
+    labels = [b["text"] for b in buttons(sugg)]
+    [entry] = await say(emu, 8201, "1")
+    assert "Nguồn" in entry["text"] and not buttons(entry)  # an entry, with its sources
+    for typed in (str(len(labels)), "ho tro"):
+        await say(emu, 8201, "qlvb")
+        [form] = await say(emu, 8201, typed)
+        assert form["text"] == t("tk.ask_system", "vi"), typed
+        await say(emu, 8201, "/cancel")
