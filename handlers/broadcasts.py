@@ -3,6 +3,7 @@ a live progress message with pause / resume / cancel. Every button also takes ty
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 
 from aiogram import F, Router
@@ -328,7 +329,9 @@ async def when_step(message: Message, state: FSMContext, session: AsyncSession, 
     async def add_job() -> None:
         from tasks.scheduler import schedule_broadcast_job
 
-        schedule_broadcast_job(bid, when)
+        # off the event loop: the job store writes synchronously, and on SQLite it would
+        # wait for a transaction of ours (a batched done mark) that needs the loop to end
+        await asyncio.to_thread(schedule_broadcast_job, bid, when)
 
     post.add(add_job)
 

@@ -83,7 +83,8 @@ async def start_scheduler(settings: Settings, maker: async_sessionmaker[AsyncSes
 
 
 def schedule_broadcast_job(broadcast_id: int, when: datetime) -> bool:
-    """Add the date job of a scheduled broadcast, if a scheduler runs in this process."""
+    """Add the date job of a scheduled broadcast, if a scheduler runs in this process.
+    Blocking (the job store's own connection): call it from a worker thread in async code."""
     scheduler = _ctx.get("scheduler")
     if scheduler is None or not scheduler.running:
         return False
