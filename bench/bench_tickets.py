@@ -78,7 +78,7 @@ async def forms(emu: Emulator, users: list[int], rounds: int) -> dict[str, float
     async def walk(u: int) -> None:
         for _ in range(rounds):
             for text in FORM:
-                since = len(emu.sent(u))
+                since = emu.sent_count(u)
                 await emu.send_text(u, text)
                 await emu.wait_for_messages(u, since=since, timeout=120)
 

@@ -62,7 +62,7 @@ async def drive(emu, users: list[int], per_user: int, text: str, timeout: float 
 
     Latency per message = reply time − send time (matched in order per chat)."""
     sent_at: dict[int, list[float]] = {u: [] for u in users}
-    before = {u: len(emu.sent(u)) for u in users}
+    before = {u: emu.sent_count(u) for u in users}
     start = time.perf_counter()
     for _ in range(per_user):
         for u in users:
@@ -74,12 +74,12 @@ async def drive(emu, users: list[int], per_user: int, text: str, timeout: float 
     done_users: set[int] = set()
     while len(done_users) < len(users):
         if time.perf_counter() > deadline:
-            got = sum(len(emu.sent(u)) - before[u] for u in users)
+            got = sum(emu.sent_count(u) - before[u] for u in users)
             raise TimeoutError(f"only {got}/{total} replies")
         for u in users:
             if u in done_users:
                 continue
-            if len(emu.sent(u)) - before[u] >= per_user:
+            if emu.sent_count(u) - before[u] >= per_user:
                 done_users.add(u)
         await asyncio.sleep(0.01)
     elapsed = time.perf_counter() - start
@@ -99,7 +99,7 @@ async def latency(emu, user: int, text: str, n: int = 100) -> dict[str, float]:
     """Unloaded round trips: one message at a time, time until the bot's reply arrives."""
     times = []
     for _ in range(n):
-        since = len(emu.sent(user))
+        since = emu.sent_count(user)
         t0 = time.perf_counter()
         await emu.send_text(user, text)
         await emu.wait_for_messages(user, count=1, since=since, timeout=30)

@@ -300,6 +300,10 @@ async def test_edit_delete_and_not_modified(emu: Emulator, bot: Bot) -> None:
     assert m3.message_id == m2.message_id + 1  # ids increase per chat
     assert await bot.delete_messages(USER, [m2.message_id, m3.message_id, 777])
     assert all(r["deleted"] for r in emu.sent(USER)[-2:])
+    # the per-chat index the benchmarks count with agrees with the full record
+    assert emu.sent_count(USER) == len(emu.sent(USER)) == len(
+        [r for r in emu.sent() if r["chat_id"] == USER])
+    assert emu.sent_count(USER + 1) == 0 and emu.sent(USER + 1) == []
 
 
 # ------------------------------------------------------------ getUpdates

@@ -195,6 +195,7 @@ class BotState:
         self.chat_counters: dict[int, int] = {}
         self.messages: dict[tuple[int, int], StoredMessage] = {}
         self.sent: list[dict[str, Any]] = []
+        self.sent_by_chat: dict[int, list[dict[str, Any]]] = {}  # the same records, per chat
         self.callback_queries: dict[str, dict[str, Any]] = {}
         self.inline_queries: dict[str, dict[str, Any]] = {}
         self.commands: dict[tuple[str, str], list[dict[str, Any]]] = {}
@@ -750,6 +751,7 @@ class Emulator:
         stored = StoredMessage(chat["id"], msg["message_id"], msg, True, record)
         bot.messages[(chat["id"], msg["message_id"])] = stored
         bot.sent.append(record)
+        bot.sent_by_chat.setdefault(chat["id"], []).append(record)
         self._notify_activity()
         return stored
 
@@ -1758,8 +1760,14 @@ class Emulator:
     def sent(self, chat_id: int | None = None, *, bot_id: int | None = None
              ) -> list[dict[str, Any]]:
         """Bot-sent message records (current state, deleted ones flagged), oldest first."""
-        records = self._bot(bot_id).sent
-        return copy.deepcopy([r for r in records if chat_id is None or r["chat_id"] == chat_id])
+        bot = self._bot(bot_id)
+        records = bot.sent if chat_id is None else bot.sent_by_chat.get(chat_id, [])
+        return copy.deepcopy(records)
+
+    def sent_count(self, chat_id: int, *, bot_id: int | None = None) -> int:
+        """How many messages the bot sent to a chat: ``len(sent(chat_id))`` without copying
+        them (a driver checking a hundred chats every few milliseconds)."""
+        return len(self._bot(bot_id).sent_by_chat.get(chat_id, ()))
 
     @property
     def calls(self) -> list[dict[str, Any]]:
@@ -1796,7 +1804,7 @@ class Emulator:
         deadline = loop.time() + timeout
         while True:
             ev = self._activity
-            records = [r for r in self._bot(bot_id).sent if r["chat_id"] == chat_id][since:]
+            records = self._bot(bot_id).sent_by_chat.get(chat_id, [])[since:]
             matching = [r for r in records if predicate is None or predicate(r)]
             if len(matching) >= count:
                 return copy.deepcopy(matching)
