@@ -34,7 +34,9 @@ async def seed(url: str, users: list[int]) -> None:
                        verified_at=utcnow())
             s.add(p)
             await s.flush()
-            s.add(ChatIdentity(channel="telegram", external_id=str(uid), person_id=p.id))
+            # the name the emulator gives them (bench/common.py), as recorded at first contact
+            s.add(ChatIdentity(channel="telegram", external_id=str(uid), person_id=p.id,
+                               display_name=f"U{uid}"))
         await s.commit()
     await engine.dispose()
 

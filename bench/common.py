@@ -39,15 +39,18 @@ async def drop_pg_database(name: str) -> None:
 
 async def reset_inbox(url: str) -> None:
     """Forget handled updates: each round's fresh emulator numbers its updates from 1 again,
-    and the bot rightly skips update ids it has already handled."""
-    from sqlalchemy import delete
+    and the bot rightly skips update ids it has already handled. The senders count as seen
+    just now, so every round starts alike (the bot records a sighting once per five minutes
+    per person; a round later than that would pay one write per user the others do not)."""
+    from sqlalchemy import delete, update
 
-    from db.models import InboxUpdate
+    from db.models import ChatIdentity, InboxUpdate, utcnow
     from db.session import make_engine
 
     engine = make_engine(url)
     async with engine.begin() as conn:
         await conn.execute(delete(InboxUpdate))
+        await conn.execute(update(ChatIdentity).values(last_seen_at=utcnow()))
     await engine.dispose()
 
 
