@@ -56,7 +56,8 @@ class DbSessionMiddleware(BaseMiddleware):
 
     async def __call__(self, handler: Handler, event: TelegramObject, data: dict[str, Any]) -> Any:
         committed = False
-        async with self.maker() as session:
+        session = self.maker()
+        try:
             data["session"] = session
             data["post"] = post = PostCommit()
             token = current_session.set(session)
@@ -70,21 +71,43 @@ class DbSessionMiddleware(BaseMiddleware):
                     current_session.reset(token)
                 key = data.get("inbox_key")
                 marks = data.get("inbox_marks")
-                if key is not None and marks is not None and not used_database(session):
-                    marks.add(key)  # batched (bot/inbox.py DoneMarks): nothing to commit
-                elif key is not None:
-                    # Core on the session's connection: no ORM execution overhead
-                    conn = await session.connection()
-                    await conn.execute(_MARK_DONE, {"b": key[0], "u": key[1], "at": utcnow()})
-                await session.commit()
+                if not used_database(session):
+                    # served from the caches: nothing to commit (an empty commit still
+                    # builds and ends a transaction object, a tenth of such an update)
+                    if key is not None and marks is not None:
+                        marks.add(key)  # batched (bot/inbox.py DoneMarks)
+                    elif key is not None:
+                        await self._mark_done(session, key)
+                        await session.commit()
+                else:
+                    if key is not None:
+                        await self._mark_done(session, key)
+                    await session.commit()
                 committed = True
             finally:
                 if self.storage is not None:
                     self.storage.settle(session, committed)
+        finally:
+            await _close(session)
         if "inbox_outcome" in data:
             data["inbox_outcome"]["done"] = True
         await post.run()
         return result
+
+    @staticmethod
+    async def _mark_done(session: AsyncSession, key: tuple[int, int]) -> None:
+        # Core on the session's connection: no ORM execution overhead
+        conn = await session.connection()
+        await conn.execute(_MARK_DONE, {"b": key[0], "u": key[1], "at": utcnow()})
+
+
+async def _close(session: AsyncSession) -> None:
+    """Close the update's session; without a transaction that is only forgetting its
+    objects (no connection to give back), done directly rather than in a greenlet."""
+    if session.in_transaction():
+        await session.close()
+    else:
+        session.sync_session.close()
 
 
 _MARK_DONE = (
