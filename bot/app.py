@@ -33,6 +33,7 @@ from bot.config import ConfigError, Settings
 from bot.fsm_storage import DbStorage
 from bot.inbox import Inbox
 from bot.middlewares import DbSessionMiddleware, RoleMiddleware, WhoMiddleware
+from bot.prefetch import Prefetch
 from db.session import (
     WATCHED_TABLES,
     add_change_listener,
@@ -290,6 +291,7 @@ def build_app(settings: Settings) -> App:
     desk = Desk(bot, maker, settings)
     dp["desk"] = desk
     inbox = Inbox(dp, bot, maker)
+    inbox.prefetch = Prefetch(dp, maker, who_cache, dp.storage)
     app = App(settings, engine, maker, bot, dp, inbox, menu, desk, who_cache, plan_cache)
     inbox.on_outside_change = app.outside_change
     add_change_listener(engine, app.changed)

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiogram.fsm.state import State
 from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder, StateType, StorageKey
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
@@ -144,6 +145,25 @@ class DbStorage(BaseStorage):
         if self._gen.get(k, 0) == g:
             self._store(k, row)
         return row
+
+    def missing(self, keys: Iterable[StorageKey]) -> list[str]:
+        return sorted({k for k in map(self.keys.build, keys) if k not in self._cache})
+
+    async def prefetch(self, session: AsyncSession, keys: Iterable[StorageKey]) -> int:
+        """Read the uncached keys of a received batch in one query (most are absent: no
+        conversation in progress), so each update's state read is a cache hit."""
+        wanted = self.missing(keys)
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i:i + 500]
+            gens = {k: self._gen.get(k, 0) for k in chunk}
+            rows = {rec.key: rec for rec in await session.scalars(
+                select(FsmRecord).where(FsmRecord.key.in_(chunk)))}
+            for k in chunk:
+                rec = rows.get(k)
+                row: Row = (rec.state, copy.deepcopy(rec.data or {}), True) if rec else _EMPTY
+                if self._gen.get(k, 0) == gens[k]:
+                    self._store(k, row)
+        return len(wanted)
 
     async def set_state(self, key: StorageKey, state: StateType = None) -> None:
         value = state.state if isinstance(state, State) else state

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiogram import Bot, Dispatcher
@@ -104,6 +104,8 @@ class Inbox:
     ) -> None:
         self.dp, self.bot, self.maker = dp, bot, maker
         self.on_outside_change = on_outside_change
+        # warms the sender caches for a batch before it is dispatched (bot/prefetch.py)
+        self.prefetch: Callable[[int, list[dict[str, Any]]], Awaitable[None]] | None = None
         self.bot_id = bot.id
         self._locks: dict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._sem = asyncio.Semaphore(concurrency)
@@ -199,11 +201,18 @@ class Inbox:
         left = await self.pending()
         if left:
             log.info("resuming %d update(s) left pending by the previous run", len(left))
+            await self._warm(left)
             self.dispatch(left)
         return len(left)
 
     async def feed(self, payloads: list[dict[str, Any]]) -> None:
-        self.dispatch(await self.record(payloads))
+        new = await self.record(payloads)
+        await self._warm(new)
+        self.dispatch(new)
+
+    async def _warm(self, payloads: list[dict[str, Any]]) -> None:
+        if self.prefetch is not None and payloads:
+            await self.prefetch(self.bot_id, payloads)
 
     async def drain(self) -> None:
         while self._tasks:
