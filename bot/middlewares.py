@@ -102,9 +102,10 @@ class DbSessionMiddleware(BaseMiddleware):
 
 
 async def _close(session: AsyncSession) -> None:
-    """Close the update's session; without a transaction that is only forgetting its
-    objects (no connection to give back), done directly rather than in a greenlet."""
-    if session.in_transaction():
+    """Close the update's session. One that never took a connection (served from the
+    caches: attaching them still opens a transaction object) has nothing to give back,
+    so it is closed directly rather than in a greenlet."""
+    if used_database(session):
         await session.close()
     else:
         session.sync_session.close()
