@@ -361,3 +361,19 @@ def test_osa_distance() -> None:
     assert osa_distance("tanh", "thanh", 2) == 1
     assert osa_distance("bn", "ben", 2) == 1
     assert osa_distance("ben", "thanh", 2) == 3  # capped: cap + 1
+
+
+def test_fold_short_and_long_texts_alike() -> None:
+    """fold() remembers short texts and has an ASCII shortcut; every path gives one key."""
+    from services.folding import _REMEMBERED_LEN, _fold, fold
+
+    cases = {"Phường Bến Thành": "phuong ben thanh", "ĐẮK LẮK  ": "dak lak",
+             "  ben   thnah ": "ben thnah", "Xã Đông Hòa, TP.HCM": "xa dong hoa tp hcm",
+             "": "", "/unit": "unit", "Thừa Thiên–Huế": "thua thien hue"}
+    for text, key in cases.items():
+        assert fold(text) == key and fold(text) == key  # the second from memory
+        assert not text or _fold(text) == key
+        long = " ".join([text] * 40)  # past the remembered length: folded afresh
+        assert len(long) > _REMEMBERED_LEN or not text
+        assert fold(long) == " ".join([key] * 40).strip()
+    assert fold(None) == ""
