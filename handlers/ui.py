@@ -12,6 +12,7 @@ import contextlib
 import logging
 import weakref
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from aiogram import Bot
@@ -54,10 +55,16 @@ class Choice:
 def keyboard(
     choices: list[Choice], columns: int = 1, numbered: bool = True
 ) -> InlineKeyboardMarkup:
-    buttons = [
-        InlineKeyboardButton(text=f"{i}. {c.label}" if numbered else c.label, callback_data=c.data)
-        for i, c in enumerate(choices, 1)
-    ]
+    labels = tuple((f"{i}. {c.label}" if numbered else c.label, c.data)
+                   for i, c in enumerate(choices, 1))
+    return _markup(labels, columns)
+
+
+@lru_cache(maxsize=4096)
+def _markup(labels: tuple[tuple[str, str], ...], columns: int) -> InlineKeyboardMarkup:
+    """The same buttons are offered again and again (menus, a unit's search answer), and
+    each is a validated model: built once. Shared, so never changed after it is made."""
+    buttons = [InlineKeyboardButton(text=text, callback_data=data) for text, data in labels]
     rows = [buttons[i:i + columns] for i in range(0, len(buttons), columns)]
     return InlineKeyboardMarkup(inline_keyboard=rows)
 
