@@ -19,10 +19,11 @@ import aiohttp
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.dispatcher.event.handler import FilterObject
+from aiogram.dispatcher.event.handler import FilterObject, HandlerObject
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramRetryAfter, TelegramServerError
-from aiogram.filters import Command
+from aiogram.filters import Command, StateFilter
+from aiogram.fsm.state import State, StatesGroup
 from aiogram.methods import GetUpdates
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -43,6 +44,7 @@ from db.session import (
     remove_change_listener,
 )
 from handlers.desk import Desk
+from handlers.ui import TypedChoice
 from services import texts
 from services.people import WhoCache
 from services.status import PlanCache
@@ -147,6 +149,7 @@ def create_dispatcher(
     dp.include_routers(*routers)
     _inline_sync_filters(dp)
     _gate_commands(dp)
+    _pre_gate(dp)
     return dp
 
 
@@ -208,7 +211,69 @@ def _as_coroutine(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     async def run(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
+    run.__wrapped__ = fn  # type: ignore[attr-defined]  # what _pre_gate recognizes
     return run
+
+
+def _run_now(coro: Any) -> Any:
+    """The result of a coroutine that never waits (a pure check written as ``async``)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return done.value
+    coro.close()
+    return True  # it waited: not known here, so the handler's own check decides
+
+
+Necessary = Callable[[Any, "str | None"], Any]
+
+
+def necessary_conditions(handler: HandlerObject) -> list[Necessary]:
+    """Checks of a handler's filters that need nothing but the event and the FSM state and
+    never wait: its command gate, its state filters, a typed choice's text test. Each is
+    necessary (all of a handler's filters must pass), so one failing means no match."""
+    tests: list[Necessary] = []
+    for flt in handler.filters or ():
+        cb = getattr(flt.callback, "__wrapped__", flt.callback)
+        if getattr(cb, "command_gate", False):
+            tests.append(lambda event, _state, cb=cb: _run_now(cb(event)))
+        elif isinstance(cb, State | StatesGroup):
+            tests.append(cb)
+        elif isinstance(cb, StateFilter):
+            tests.append(lambda event, state, cb=cb: _run_now(cb(event, state)))
+        elif isinstance(cb, TypedChoice):
+            tests.append(lambda event, _state, cb=cb: cb.may_match(event))
+    return tests
+
+
+def _pre_gate(dp: Dispatcher) -> None:
+    """Let each handler refuse at once when one of its :func:`necessary_conditions` fails.
+
+    Why: aiogram checks the handlers of every router in turn, each filter through its own
+    call machinery (about 8 µs a handler); a free-text question passed some sixty of them,
+    most waiting for a conversation state nobody was in, before reaching the knowledge
+    router. Which handler runs never changes: a skipped check would have failed."""
+    for router in dp.chain_tail:
+        for observer in router.observers.values():
+            for handler in observer.handlers:
+                if getattr(handler.check, "pre_gated", False):
+                    continue
+                tests = necessary_conditions(handler)
+                if tests:
+                    handler.check = _gated_check(handler.check, tests)  # type: ignore[method-assign]
+
+
+def _gated_check(check: Callable[..., Awaitable[tuple[bool, dict[str, Any]]]],
+                 tests: list[Necessary]) -> Callable[..., Awaitable[tuple[bool, dict[str, Any]]]]:
+    async def gated(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
+        state = kwargs.get("raw_state")
+        for test in tests:
+            if not test(args[0], state):
+                return False, kwargs
+        return await check(*args, **kwargs)
+
+    gated.pre_gated = True  # type: ignore[attr-defined]
+    return gated
 
 
 @dataclass

@@ -117,10 +117,16 @@ class TypedChoice(Filter):
     def __init__(self, cb: type[CallbackData]) -> None:
         self.cb = cb
 
+    @staticmethod
+    def may_match(message: Any, _state: Any = None) -> bool:
+        """The test on the text alone: commands and long texts are never a typed choice."""
+        text = getattr(message, "text", None)
+        return bool(text) and not text.startswith("/") and len(text) <= MAX_CHOICE_TEXT
+
     async def __call__(self, message: Message, state: FSMContext) -> bool | dict[str, Any]:
+        if not self.may_match(message):
+            return False
         text = message.text
-        if not text or text.startswith("/") or len(text) > MAX_CHOICE_TEXT:
-            return False  # commands and long texts are never a typed choice
         stored = await stored_choices(state)
         data = match_choice(text, stored)
         prefix = self.cb.__prefix__
