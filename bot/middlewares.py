@@ -71,15 +71,12 @@ class DbSessionMiddleware(BaseMiddleware):
                     current_session.reset(token)
                 key = data.get("inbox_key")
                 marks = data.get("inbox_marks")
-                if not used_database(session):
-                    # served from the caches: nothing to commit (an empty commit still
-                    # builds and ends a transaction object, a tenth of such an update)
-                    if key is not None and marks is not None:
-                        marks.add(key)  # batched (bot/inbox.py DoneMarks)
-                    elif key is not None:
-                        await self._mark_done(session, key)
-                        await session.commit()
-                else:
+                used = used_database(session)
+                if key is not None and marks is not None and not used:
+                    marks.add(key)  # batched (bot/inbox.py DoneMarks): nothing to commit
+                elif key is not None or used:
+                    # (a session served from the caches alone is not committed: an empty
+                    # commit still builds and ends a transaction object)
                     if key is not None:
                         await self._mark_done(session, key)
                     await session.commit()

@@ -22,10 +22,10 @@ from aiogram.fsm.storage.base import StorageKey
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.fsm_storage import DbStorage
+from bot.middlewares import CHANNEL
 from services.people import WhoCache, prefetch_who
 
 log = logging.getLogger(__name__)
-CHANNEL = "telegram"
 
 
 def _sender(payload: dict[str, Any]) -> tuple[dict[str, Any] | None, dict[str, Any] | None,
