@@ -19,22 +19,20 @@ import aiohttp
 from aiogram import Bot, Dispatcher
 from aiogram.client.default import DefaultBotProperties
 from aiogram.client.telegram import TelegramAPIServer
-from aiogram.dispatcher.event.handler import FilterObject, HandlerObject
 from aiogram.enums import ParseMode
 from aiogram.exceptions import TelegramRetryAfter, TelegramServerError
-from aiogram.filters import Command, StateFilter
-from aiogram.fsm.state import State, StatesGroup
 from aiogram.methods import GetUpdates
 from aiohttp import web
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from bot.api_session import FormSession
+from bot.api_session import JsonBodySession
 from bot.commands import CommandMenu
 from bot.config import ConfigError, Settings
 from bot.fsm_storage import DbStorage
 from bot.inbox import Inbox
 from bot.middlewares import DbSessionMiddleware, RoleMiddleware, WhoMiddleware
 from bot.prefetch import Prefetch
+from bot.routing import accelerate
 from db.session import (
     WATCHED_TABLES,
     add_change_listener,
@@ -44,7 +42,6 @@ from db.session import (
     remove_change_listener,
 )
 from handlers.desk import Desk
-from handlers.ui import TypedChoice
 from services import texts
 from services.people import WhoCache
 from services.status import PlanCache
@@ -91,7 +88,7 @@ def create_bot(settings: Settings) -> Bot:
     if settings.bot_token is None:
         raise ConfigError("HOPNHAT_BOT_TOKEN: not set (get one from @BotFather)")
     _pin_response_types()
-    session = FormSession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
+    session = JsonBodySession(api=TelegramAPIServer.from_base(settings.telegram_api_url))
     return Bot(
         settings.bot_token.get_secret_value(),
         session=session,
@@ -147,133 +144,8 @@ def create_dispatcher(
     for r in routers:  # module routers: re-attachable when a process builds a new dispatcher
         r._parent_router = None
     dp.include_routers(*routers)
-    _inline_sync_filters(dp)
-    _gate_commands(dp)
-    _pre_gate(dp)
+    accelerate(dp)
     return dp
-
-
-def command_gate(cmd: Command) -> Callable[[Any], Awaitable[bool]] | None:
-    """A cheap necessary condition of ``cmd``: the first word's prefix and name, as aiogram's
-    own parse takes them. A message for /unit otherwise ran the full Command parse (and a
-    filter call) of every command handler in the routers before it, a tenth of its CPU.
-    None when the filter has a regex command (no cheap test for it)."""
-    if not all(isinstance(c, str) for c in cmd.commands):
-        return None
-    names, prefixes, fold = frozenset(cmd.commands), cmd.prefix, cmd.ignore_case
-
-    async def gate(_gated_event: Any, /) -> bool:
-        text = getattr(_gated_event, "text", None) or getattr(_gated_event, "caption", None)
-        if not text:
-            return False
-        head = text.split(maxsplit=1)
-        if not head or head[0][0] not in prefixes:
-            return False
-        name = head[0][1:].partition("@")[0]
-        return (name.casefold() if fold else name) in names
-
-    gate.command_gate = True  # type: ignore[attr-defined]
-    return gate
-
-
-def _gate_commands(dp: Dispatcher) -> None:
-    """Put :func:`command_gate` first in every handler with a Command filter; a failed gate
-    means the Command would fail too, so which handler runs never changes. The routers are
-    module objects, so a process building a second dispatcher finds its gates in place."""
-    for router in dp.chain_tail:
-        for observer in router.observers.values():
-            for handler in observer.handlers:
-                if any(getattr(f.callback, "command_gate", False) for f in handler.filters or ()):
-                    continue
-                cmds = [f.callback for f in handler.filters or ()
-                        if isinstance(f.callback, Command)]
-                gates = [g for g in map(command_gate, cmds) if g is not None]
-                if gates and handler.filters is not None:
-                    handler.filters[:0] = [FilterObject(callback=g) for g in gates]
-
-
-def _inline_sync_filters(dp: Dispatcher) -> None:
-    """aiogram runs every plain-function filter (``F.text...``, ``F.data...``, lambdas) in a
-    worker thread via ``asyncio.to_thread``: a thread round trip per filter per update,
-    for checks that take microseconds (a tenth of the bot's CPU on ``/unit``). Our filters
-    are pure and cheap, so they run inline; results and order are unchanged."""
-    for router in dp.chain_tail:
-        for observer in router.observers.values():
-            for handler in (observer._handler, *observer.handlers):
-                for flt in handler.filters or ():
-                    if flt.awaitable:
-                        continue
-                    flt.callback = _as_coroutine(flt.callback)
-                    flt.awaitable = True
-
-
-def _as_coroutine(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
-    async def run(*args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    run.__wrapped__ = fn  # type: ignore[attr-defined]  # what _pre_gate recognizes
-    return run
-
-
-def _run_now(coro: Any) -> Any:
-    """The result of a coroutine that never waits (a pure check written as ``async``)."""
-    try:
-        coro.send(None)
-    except StopIteration as done:
-        return done.value
-    coro.close()
-    return True  # it waited: not known here, so the handler's own check decides
-
-
-Necessary = Callable[[Any, "str | None"], Any]
-
-
-def necessary_conditions(handler: HandlerObject) -> list[Necessary]:
-    """Checks of a handler's filters that need nothing but the event and the FSM state and
-    never wait: its command gate, its state filters, a typed choice's text test. Each is
-    necessary (all of a handler's filters must pass), so one failing means no match."""
-    tests: list[Necessary] = []
-    for flt in handler.filters or ():
-        cb = getattr(flt.callback, "__wrapped__", flt.callback)
-        if getattr(cb, "command_gate", False):
-            tests.append(lambda event, _state, cb=cb: _run_now(cb(event)))
-        elif isinstance(cb, State | StatesGroup):
-            tests.append(cb)
-        elif isinstance(cb, StateFilter):
-            tests.append(lambda event, state, cb=cb: _run_now(cb(event, state)))
-        elif isinstance(cb, TypedChoice):
-            tests.append(lambda event, _state, cb=cb: cb.may_match(event))
-    return tests
-
-
-def _pre_gate(dp: Dispatcher) -> None:
-    """Let each handler refuse at once when one of its :func:`necessary_conditions` fails.
-
-    Why: aiogram checks the handlers of every router in turn, each filter through its own
-    call machinery (about 8 µs a handler); a free-text question passed some sixty of them,
-    most waiting for a conversation state nobody was in, before reaching the knowledge
-    router. Which handler runs never changes: a skipped check would have failed."""
-    for router in dp.chain_tail:
-        for observer in router.observers.values():
-            for handler in observer.handlers:
-                if getattr(handler.check, "pre_gated", False):
-                    continue
-                tests = necessary_conditions(handler)
-                if tests:
-                    handler.check = _gated_check(handler.check, tests)  # type: ignore[method-assign]
-
-
-def _gated_check(check: Callable[..., Awaitable[tuple[bool, dict[str, Any]]]],
-                 tests: list[Necessary]) -> Callable[..., Awaitable[tuple[bool, dict[str, Any]]]]:
-    async def gated(*args: Any, **kwargs: Any) -> tuple[bool, dict[str, Any]]:
-        state = kwargs.get("raw_state")
-        for test in tests:
-            if not test(args[0], state):
-                return False, kwargs
-        return await check(*args, **kwargs)
-
-    gated.pre_gated = True  # type: ignore[attr-defined]
-    return gated
 
 
 @dataclass
