@@ -112,12 +112,12 @@ async def hopnhat(url: str, users: list[int], text: str, rounds: int, cold: bool
     from bot.config import Settings
 
     os.environ.update(HOPNHAT_BOT_TOKEN=TOKEN, HOPNHAT_LOG_LEVEL="WARNING")
-    real_session = assembly.FormSession
-    assembly.FormSession = lambda api: MemorySession()  # type: ignore[assignment,misc]
+    real_session = assembly.JsonBodySession
+    assembly.JsonBodySession = lambda api: MemorySession()  # type: ignore[assignment,misc]
     try:
         app = assembly.build_app(Settings(database_url=url))
     finally:
-        assembly.FormSession = real_session  # type: ignore[misc]
+        assembly.JsonBodySession = real_session  # type: ignore[misc]
     await app.bot.get_me()
     from services.units import warm_up_search
 

@@ -28,6 +28,7 @@ from aiogram.types import (
     Message,
 )
 
+from bot.api_session import SharedMarkup
 from services.folding import fold
 from services.texts import split_text
 
@@ -66,7 +67,7 @@ def _markup(labels: tuple[tuple[str, str], ...], columns: int) -> InlineKeyboard
     each is a validated model: built once. Shared, so never changed after it is made."""
     buttons = [InlineKeyboardButton(text=text, callback_data=data) for text, data in labels]
     rows = [buttons[i:i + columns] for i in range(0, len(buttons), columns)]
-    return InlineKeyboardMarkup(inline_keyboard=rows)
+    return SharedMarkup(inline_keyboard=rows)
 
 
 def remembered(choices: list[Choice]) -> list[list[Any]]:

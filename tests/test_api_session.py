@@ -1,6 +1,9 @@
-"""The direct form encoding sends exactly the bytes aiogram's own FormData would."""
+"""The direct JSON body carries exactly the fields and values aiogram's own FormData would."""
 
 from __future__ import annotations
+
+import json
+from urllib.parse import parse_qsl
 
 import pytest
 from aiogram import Bot
@@ -24,7 +27,7 @@ from aiogram.types import (
     ReplyParameters,
 )
 
-from bot.api_session import FormSession
+from bot.api_session import JsonBodySession, SharedMarkup
 
 KB = InlineKeyboardMarkup(inline_keyboard=[[
     InlineKeyboardButton(text="Đồng ý <x> & \"y\"", callback_data="ap:1:ok")]])
@@ -42,17 +45,37 @@ METHODS = [
 
 @pytest.fixture
 def bot() -> Bot:
-    return Bot("1:test", session=FormSession(), default=DefaultBotProperties(
+    return Bot("1:test", session=JsonBodySession(), default=DefaultBotProperties(
         parse_mode=ParseMode.HTML, link_preview_is_disabled=True))
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.__api_method__)
-def test_same_bytes_as_aiogram_form(bot: Bot, method) -> None:
+def test_same_fields_as_aiogram_form(bot: Bot, method) -> None:
     session = bot.session
-    assert isinstance(session, FormSession)
+    assert isinstance(session, JsonBodySession)
     form = AiohttpSession.build_form_data(session, bot, method)
-    theirs = form()  # no file: aiohttp's urlencoded payload
-    assert session.encode(bot, method) == theirs._value
+    theirs = dict(parse_qsl(form()._value.decode(), keep_blank_values=True))
+    ours = json.loads(session.encode(bot, method))
+    assert ours == theirs and all(isinstance(v, str) for v in ours.values())
+    assert session.build_form_data(bot, method).content_type == "application/json"
+
+
+def test_a_shared_keyboard_is_encoded_once_and_the_same(bot: Bot) -> None:
+    from handlers.ui import Choice, keyboard
+
+    shared = keyboard([Choice("Phường Bến Thành — TP. Hồ Chí Minh", "su:26734"),
+                       Choice("Xã <b> & \"c\"", "su:1")])
+    assert isinstance(shared, SharedMarkup)
+    plain = InlineKeyboardMarkup(inline_keyboard=shared.inline_keyboard)
+    bodies = [json.loads(bot.session.encode(bot, SendMessage(chat_id=1, text="t",
+                                                              reply_markup=m)))
+              for m in (shared, shared, plain)]
+    assert bodies[0] == bodies[1] == bodies[2]
+    assert json.loads(bodies[0]["reply_markup"])["inline_keyboard"][1][0]["text"] == \
+        "2. Xã <b> & \"c\""
+    assert shared._encoded == bodies[0]["reply_markup"]
+    with pytest.raises(ValueError):  # frozen: what was encoded can not change
+        shared.inline_keyboard = []
 
 
 def test_a_file_goes_through_aiogram_multipart(bot: Bot) -> None:
@@ -61,8 +84,6 @@ def test_a_file_goes_through_aiogram_multipart(bot: Bot) -> None:
 
 
 def test_answers_lose_only_the_returned_message_formatting_and_keyboard(bot: Bot) -> None:
-    import json
-
     from aiogram.methods.base import Response
     from aiogram.types import Message
 
@@ -80,5 +101,5 @@ def test_answers_lose_only_the_returned_message_formatting_and_keyboard(bot: Bot
         "result"][0]["message"]
     assert kept["entities"] == sent["entities"] and kept["reply_markup"] == sent["reply_markup"]
     assert loads_without_own_formatting('{"ok": false, "error_code": 400}')["error_code"] == 400
-    assert isinstance(bot.session, FormSession)
+    assert isinstance(bot.session, JsonBodySession)
     assert bot.session.json_loads is loads_without_own_formatting
