@@ -40,17 +40,20 @@ async def drop_pg_database(name: str) -> None:
 
 async def reset_inbox(url: str) -> None:
     """Forget handled updates: each round's fresh emulator numbers its updates from 1 again,
-    and the bot rightly skips update ids it has already handled. The senders count as seen
-    just now, so every round starts alike (the bot records a sighting once per five minutes
-    per person; a round later than that would pay one write per user the others do not)."""
+    and the bot rightly skips update ids it has already handled. Every round starts alike:
+    the senders count as seen just now (the bot records a sighting once per five minutes
+    per person; a round later than that would pay one write per user the others do not),
+    and nobody is in a conversation (a person's first search stores its step; in a later
+    round the same search would find it stored and write nothing)."""
     from sqlalchemy import delete, update
 
-    from db.models import ChatIdentity, InboxUpdate, utcnow
+    from db.models import ChatIdentity, FsmRecord, InboxUpdate, utcnow
     from db.session import make_engine
 
     engine = make_engine(url)
     async with engine.begin() as conn:
         await conn.execute(delete(InboxUpdate))
+        await conn.execute(delete(FsmRecord))
         await conn.execute(update(ChatIdentity).values(last_seen_at=utcnow()))
     await engine.dispose()
 

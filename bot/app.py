@@ -36,6 +36,7 @@ from bot.routing import accelerate
 from db.session import (
     WATCHED_TABLES,
     add_change_listener,
+    fill_pool,
     listen_for_changes,
     make_engine,
     make_sessionmaker,
@@ -246,6 +247,7 @@ async def _startup(app: App) -> None:
 
     async with app.maker() as s:  # build the unit index now, not on the first user's query
         await warm_up_search(s)
+    await fill_pool(app.engine)
     await app.enable_caches()
     app.start_workers()
     from bot.background import Background

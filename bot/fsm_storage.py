@@ -17,12 +17,14 @@ from typing import Any
 
 from aiogram.fsm.state import State
 from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder, StateType, StorageKey
-from sqlalchemy import select
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
 
-from db.models import FsmRecord, utcnow
+from db.models import FsmRecord, InboxUpdate, utcnow
+from db.session import began_transaction
 
 # The session of the update being handled: FSM changes then commit (or roll back) with the
 # handler's work, and on SQLite a second connection never waits for the first's write lock.
@@ -133,6 +135,38 @@ class DbStorage(BaseStorage):
                 # flushed with the handler's work at commit; DbSessionMiddleware settles
                 s.info.setdefault(DIRTY, {})[k] = (g, snapshot, row)
 
+    def lone_write(self, session: AsyncSession) -> FsmRecord | None:
+        """The one FSM row this update changed, when that is all it changed: no statement
+        ran, and nothing else is new, changed or deleted in its session (PostgreSQL only:
+        see :meth:`write_alone`)."""
+        dirty = session.info.get(DIRTY)
+        if (not dirty or len(dirty) != 1 or session.bind is None
+                or session.bind.dialect.name != "postgresql" or began_transaction(session)
+                or session.deleted):
+            return None
+        (_g, _row, rec), = dirty.values()
+        pending = list(session.new) + list(session.dirty)
+        return rec if all(obj is rec for obj in pending) else None
+
+    async def write_alone(self, session: AsyncSession, rec: FsmRecord,
+                          mark: tuple[int, int] | None) -> None:
+        """Store ``rec`` (and the update's inbox "done" mark) in ONE statement, outside a
+        transaction: an upsert with the mark as a data-modifying CTE, atomic as any single
+        statement. Why: a search or a menu step changes only its FSM row, and the ORM
+        path (BEGIN, flush, mark, COMMIT: four round trips through SQLAlchemy's async
+        layer) cost 2.9 ms of CPU against 1.2 ms for this, as much as the rest of the
+        update. The ORM session is left untouched (its rows are dropped from it), and
+        :meth:`settle` caches the row as for a commit."""
+        params = {"k": rec.key, "s": rec.state, "d": rec.data, "t": utcnow()}
+        stmt = _UPSERT
+        if mark is not None:
+            params.update(b=mark[0], u=mark[1], at=params["t"])
+            stmt = _UPSERT_MARKED
+        async with session.bind.connect() as conn:  # type: ignore[union-attr]
+            auto = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await auto.execute(stmt, params)
+        session.sync_session.expunge(rec)
+
     async def _read(self, key: StorageKey) -> Row:
         k = self.keys.build(key)
         hit = self._known(k)  # this update's own uncommitted write, or the cached row
@@ -180,3 +214,19 @@ class DbStorage(BaseStorage):
 
     async def close(self) -> None:
         return None
+
+
+def _upsert() -> Any:
+    ins = pg_insert(FsmRecord).values(key=bindparam("k"), state=bindparam("s"),
+                                      data=bindparam("d"), updated_at=bindparam("t"))
+    return ins.on_conflict_do_update(index_elements=[FsmRecord.key], set_={
+        "state": ins.excluded.state, "data": ins.excluded.data,
+        "updated_at": ins.excluded.updated_at})
+
+
+_UPSERT = _upsert()
+_UPSERT_MARKED = _upsert().add_cte(  # PostgreSQL runs a DML CTE even when nothing reads it
+    update(InboxUpdate)
+    .where(InboxUpdate.bot_id == bindparam("b"), InboxUpdate.update_id == bindparam("u"))
+    .values(status="done", handled_at=bindparam("at"))
+    .cte("done"))

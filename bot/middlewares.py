@@ -72,8 +72,11 @@ class DbSessionMiddleware(BaseMiddleware):
                 key = data.get("inbox_key")
                 marks = data.get("inbox_marks")
                 used = used_database(session)
+                lone = self.storage.lone_write(session) if self.storage is not None else None
                 if key is not None and marks is not None and not used:
                     marks.add(key)  # batched (bot/inbox.py DoneMarks): nothing to commit
+                elif lone is not None:  # only an FSM step changed: one statement
+                    await self.storage.write_alone(session, lone, key)  # type: ignore[union-attr]
                 elif key is not None or used:
                     # (a session served from the caches alone is not committed: an empty
                     # commit still builds and ends a transaction object)
