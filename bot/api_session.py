@@ -19,6 +19,7 @@ from enum import Enum
 from typing import Any
 
 from aiogram import Bot
+from aiogram.client.default import Default
 from aiogram.client.session.aiohttp import AiohttpSession
 from aiogram.methods import TelegramMethod
 from aiogram.types import InlineKeyboardMarkup, InputFile
@@ -61,6 +62,16 @@ class JsonBodySession(AiohttpSession):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("json_loads", loads_without_own_formatting)
         super().__init__(**kwargs)
+        self._defaults: dict[tuple[int, str], Any] = {}
+
+    def _default(self, bot: Bot, value: Default) -> Any:
+        """A bot default as sent (``link_preview_options`` is a model dumped to JSON on
+        every call otherwise); the bot's defaults never change after it is made."""
+        key = (id(bot.default), value.name)
+        if key not in self._defaults:
+            prepared = self.prepare_value(value, bot=bot, files={})
+            self._defaults[key] = prepared.value if isinstance(prepared, Enum) else prepared
+        return self._defaults[key]
 
     def encode(self, bot: Bot, method: TelegramMethod[Any]) -> bytes | None:
         """The fields of aiogram's form as a JSON object, or None when a file is attached."""
@@ -71,9 +82,14 @@ class JsonBodySession(AiohttpSession):
             shared = None
         dumped = method.model_dump(warnings=False, exclude={"reply_markup"} if shared else None)
         for key, value in dumped.items():
-            value = self.prepare_value(value, bot=bot, files=files)
-            if isinstance(value, Enum):  # a default such as ParseMode.HTML
-                value = value.value
+            if value is None:
+                continue
+            if isinstance(value, Default):  # parse_mode, link preview: fixed per bot
+                value = self._default(bot, value)
+            else:
+                value = self.prepare_value(value, bot=bot, files=files)
+                if isinstance(value, Enum):
+                    value = value.value
             if value:  # aiogram leaves out empty values too
                 fields[key] = value
         if shared is not None:
