@@ -24,6 +24,7 @@ from common import (
     drop_pg_database,
     latency,
     new_pg_database,
+    quiet_collector,
     show,
     spawn,
 )
@@ -101,10 +102,13 @@ async def run(args: list[str], env: dict[str, str], users: list[int], agents: li
         await emu.wait_for_call("getMe", timeout=60)
         await asyncio.sleep(1.0)
         await forms(emu, users[:3], 1)  # warm-up
+        quiet_collector()
         cpu0 = cpu_seconds(proc.pid)
         create = await forms(emu, users, rounds)
         create["cpu_ms_per_update"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / create["updates"]
+        quiet_collector()
         queue = await drive(emu, agents, 5, "/queue")
+        quiet_collector()
         lat = await latency(emu, agents[0], "/queue", n=200)
         queue.update(idle_p50_ms=lat["p50_ms"], idle_p99_ms=lat["p99_ms"],
                      cpu_ms_per_update=0.0)

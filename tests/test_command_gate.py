@@ -1,4 +1,4 @@
-"""The command gate (bot/app.py) never refuses a message its Command filter would accept,
+"""The command gate (bot/routing.py) never refuses a message its Command filter would accept,
 for every Command filter the bot's routers use."""
 
 from __future__ import annotations
@@ -180,76 +180,3 @@ async def test_prechecks_and_skipped_routers_never_refuse_a_match() -> None:
     assert refused > checked // 2
     assert skipped > entered
     assert matched_kinds == set(kinds)  # presses and messages that do match were checked
-
-
-def _samples() -> list[Any]:
-    from aiogram.types import CallbackQuery
-
-    base = {"message_id": 1, "date": 0, "chat": {"id": 1, "type": "private"},
-            "from": {"id": 1, "is_bot": False, "first_name": "A"}}
-    texts = ["/unit", "/unit ben thanh", "/start", "/ticket", "1", "2", "9", "xin chào",
-             "huy", "tieng viet", "english", "x" * 300, "0901234567", "Trần Văn An",
-             "phường Bến Thành", "khẩn cấp", "xong", "gui", "có"]
-    out: list[Any] = [Message.model_validate({**base, "text": t}) for t in texts]
-    out.append(Message.model_validate({**base, "contact": {
-        "phone_number": "+84901234567", "first_name": "A", "user_id": 1}}))
-    out.append(Message.model_validate({**base, "caption": "ds", "document": {
-        "file_id": "f", "file_unique_id": "u", "file_name": "a.csv"}}))
-    out.append(Message.model_validate({**base, "chat": {"id": -5, "type": "supergroup",
-                                                        "title": "g"}, "text": "/queue"}))
-    for data in ("lang:vi", "x", "st:my", "tk:1:claim", "sm:my", "sm", "sm:my:x", "su:79-26734",
-                 "sp:find:8", "sy:qlvb", "se:u1:", "sc:1", "sp:find"):
-        out.append(CallbackQuery.model_validate({
-            "id": "q", "from": base["from"], "chat_instance": "c", "data": data,
-            "message": {**base, "text": "menu"}}))
-    return out
-
-
-async def test_necessary_conditions_never_refuse_a_match() -> None:
-    """For every handler of the bot's routers, over messages, files, contacts and button
-    presses in every FSM state the routers use (and none), a failing necessary condition
-    (bot/app.py ``_pre_gate``) means the handler's own filters refuse too; and the gates
-    do refuse: most handlers wait for a state a newcomer is not in."""
-    from aiogram.dispatcher.event.handler import HandlerObject
-    from aiogram.filters import StateFilter
-    from aiogram.fsm.context import FSMContext
-    from aiogram.fsm.state import State
-    from aiogram.fsm.storage.base import StorageKey
-    from aiogram.fsm.storage.memory import MemoryStorage
-
-    from bot.routing import precheck
-    from handlers.ui import CHOICES_KEY
-
-    bot = Bot("1:x")
-    dp = dispatcher()
-    handlers = [(name, h) for r in dp.chain_tail for name, o in r.observers.items()
-                if name in ("message", "callback_query") for h in o.handlers]
-    states: set[str | None] = {None}
-    for _, h in handlers:
-        for f in h.filters or ():
-            cb = getattr(f.callback, "__wrapped__", f.callback)
-            if isinstance(cb, State):
-                states.add(cb.state)
-            elif isinstance(cb, StateFilter):
-                states.update(s.state if isinstance(s, State) else s for s in cb.states
-                              if isinstance(s, State | str))
-    assert len(states) > 15  # the routers' conversation steps were found
-    storage = MemoryStorage()
-    refused = checked = 0
-    for raw_state in states:
-        key = StorageKey(bot_id=1, chat_id=1, user_id=1)
-        await storage.set_data(key, {CHOICES_KEY: [["lang:vi", "tieng viet"], ["x", "1"]]})
-        context = FSMContext(storage, key)
-        for event in _samples():
-            kind = "message" if isinstance(event, Message) else "callback_query"
-            for name, h in handlers:
-                if name != kind:
-                    continue
-                passes = not precheck(h).refuses(event, raw_state)
-                matched, _ = await HandlerObject.check(
-                    h, event, bot=bot, state=context, raw_state=raw_state,
-                    event_from_user=event.from_user)
-                assert passes or not matched, (h.callback.__name__, raw_state, event)
-                refused += not passes
-                checked += 1
-    assert refused > checked // 2
