@@ -27,6 +27,8 @@ from common import (
     quiet_collector,
     show,
     spawn,
+    start_profiler,
+    stop_profiler,
 )
 from sqlalchemy import insert, select, update
 
@@ -39,6 +41,7 @@ from services.audit import Actor
 FORM = ["/ticket", "1", "Không đăng nhập được hệ thống", "2", "xong", "1"]
 STATUSES = ["new", "triaged", "in_progress", "waiting_reporter", "resolved", "closed"]
 SEVERITIES = ["low", "normal", "high", "critical"]
+WARN = timedelta(hours=2)  # beyond the default warning lead (Settings.sla_warn_minutes)
 
 
 async def generate(url: str, n: int, agents: list[int]) -> None:
@@ -57,6 +60,7 @@ async def generate(url: str, n: int, agents: list[int]) -> None:
         for i in range(n):
             created = now - timedelta(minutes=rnd.randint(0, 60 * 24 * 90))
             sev = rnd.choice(SEVERITIES)
+            due = created + timedelta(hours=rnd.choice([4, 8, 16, 40]))
             rows.append({
                 "code": f"HT-{i + 1:06d}", "reporter_id": rnd.choice(people),
                 "unit_code": rnd.choice(units), "system_code": rnd.choice(systems),
@@ -64,7 +68,12 @@ async def generate(url: str, n: int, agents: list[int]) -> None:
                 "status": rnd.choice(STATUSES), "summary": f"Sự cố mẫu số {i}",
                 "assignee_id": rnd.choice([None, *people[:len(agents)]]),
                 "created_at": created, "updated_at": created,
-                "sla_due_at": created + timedelta(hours=rnd.choice([4, 8, 16, 40])),
+                "sla_due_at": due,
+                # warned and breached when they happened, as the live SLA scan would have:
+                # otherwise the bot's worker spends the measurement sending tens of
+                # thousands of overdue notices for this synthetic history
+                "sla_warned_at": due - timedelta(hours=1) if due <= now + WARN else None,
+                "sla_breached_at": due if due <= now else None,
                 "reopen_count": 0,
             })
         for chunk in range(0, len(rows), 5000):
@@ -104,7 +113,9 @@ async def run(args: list[str], env: dict[str, str], users: list[int], agents: li
         await forms(emu, users[:3], 1)  # warm-up
         quiet_collector()
         cpu0 = cpu_seconds(proc.pid)
+        spy = start_profiler(proc.pid, log, "form")
         create = await forms(emu, users, rounds)
+        stop_profiler(spy)
         create["cpu_ms_per_update"] = 1000 * (cpu_seconds(proc.pid) - cpu0) / create["updates"]
         quiet_collector()
         queue = await drive(emu, agents, 5, "/queue")
