@@ -62,16 +62,19 @@ class JsonBodySession(AiohttpSession):
     def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("json_loads", loads_without_own_formatting)
         super().__init__(**kwargs)
-        self._defaults: dict[tuple[int, str], Any] = {}
+        self._defaults: dict[str, Any] = {}
+        self._defaults_of: Any = None  # the bot's DefaultBotProperties they were made from
 
     def _default(self, bot: Bot, value: Default) -> Any:
         """A bot default as sent (``link_preview_options`` is a model dumped to JSON on
-        every call otherwise); the bot's defaults never change after it is made."""
-        key = (id(bot.default), value.name)
-        if key not in self._defaults:
+        every call otherwise); a bot's defaults never change after it is made."""
+        if self._defaults_of is not bot.default:
+            self._defaults, self._defaults_of = {}, bot.default
+        if value.name not in self._defaults:
             prepared = self.prepare_value(value, bot=bot, files={})
-            self._defaults[key] = prepared.value if isinstance(prepared, Enum) else prepared
-        return self._defaults[key]
+            self._defaults[value.name] = (prepared.value if isinstance(prepared, Enum)
+                                          else prepared)
+        return self._defaults[value.name]
 
     def encode(self, bot: Bot, method: TelegramMethod[Any]) -> bytes | None:
         """The fields of aiogram's form as a JSON object, or None when a file is attached."""

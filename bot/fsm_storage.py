@@ -17,13 +17,14 @@ from typing import Any
 
 from aiogram.fsm.state import State
 from aiogram.fsm.storage.base import BaseStorage, DefaultKeyBuilder, StateType, StorageKey
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
 
-from db.models import FsmRecord, InboxUpdate, utcnow
+from bot.inbox import MARK_DONE
+from db.models import FsmRecord, utcnow
 from db.session import began_transaction
 
 # The session of the update being handled: FSM changes then commit (or roll back) with the
@@ -225,8 +226,5 @@ def _upsert() -> Any:
 
 
 _UPSERT = _upsert()
-_UPSERT_MARKED = _upsert().add_cte(  # PostgreSQL runs a DML CTE even when nothing reads it
-    update(InboxUpdate)
-    .where(InboxUpdate.bot_id == bindparam("b"), InboxUpdate.update_id == bindparam("u"))
-    .values(status="done", handled_at=bindparam("at"))
-    .cte("done"))
+# PostgreSQL runs a data-modifying CTE even when nothing reads it
+_UPSERT_MARKED = _upsert().add_cte(MARK_DONE.cte("done"))

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiogram import Bot, Dispatcher
 from aiogram.types import Update
-from sqlalchemy import select, text, update
+from sqlalchemy import bindparam, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -42,6 +42,15 @@ def chat_key(payload: dict[str, Any]) -> str:
         if obj.get("from"):
             return f"u{obj['from']['id']}"
     return "other"
+
+
+# An update's "done" mark, as its handler's transaction (bot/middlewares.py) or a lone FSM
+# write (bot/fsm_storage.py) sets it: parameters b (bot id), u (update id), at.
+MARK_DONE = (
+    update(InboxUpdate)
+    .where(InboxUpdate.bot_id == bindparam("b"), InboxUpdate.update_id == bindparam("u"))
+    .values(status="done", handled_at=bindparam("at"))
+)
 
 
 class DoneMarks:

@@ -13,12 +13,12 @@ from typing import Any
 from aiogram import BaseMiddleware
 from aiogram.dispatcher.flags import get_flag
 from aiogram.types import CallbackQuery, InlineQuery, Message, TelegramObject, User
-from sqlalchemy import bindparam, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from bot.config import Settings
 from bot.fsm_storage import DbStorage, current_session
-from db.models import InboxUpdate, utcnow
+from bot.inbox import MARK_DONE
+from db.models import utcnow
 from db.session import used_database
 from services import roles
 from services.audit import Actor
@@ -72,7 +72,8 @@ class DbSessionMiddleware(BaseMiddleware):
                 key = data.get("inbox_key")
                 marks = data.get("inbox_marks")
                 used = used_database(session)
-                lone = self.storage.lone_write(session) if self.storage is not None else None
+                lone = (self.storage.lone_write(session)
+                        if used and self.storage is not None else None)
                 if key is not None and marks is not None and not used:
                     marks.add(key)  # batched (bot/inbox.py DoneMarks): nothing to commit
                 elif lone is not None:  # only an FSM step changed: one statement
@@ -98,7 +99,7 @@ class DbSessionMiddleware(BaseMiddleware):
     async def _mark_done(session: AsyncSession, key: tuple[int, int]) -> None:
         # Core on the session's connection: no ORM execution overhead
         conn = await session.connection()
-        await conn.execute(_MARK_DONE, {"b": key[0], "u": key[1], "at": utcnow()})
+        await conn.execute(MARK_DONE, {"b": key[0], "u": key[1], "at": utcnow()})
 
 
 async def _close(session: AsyncSession) -> None:
@@ -110,12 +111,6 @@ async def _close(session: AsyncSession) -> None:
     else:
         session.sync_session.close()
 
-
-_MARK_DONE = (
-    update(InboxUpdate)
-    .where(InboxUpdate.bot_id == bindparam("b"), InboxUpdate.update_id == bindparam("u"))
-    .values(status="done", handled_at=bindparam("at"))
-)
 
 
 class WhoMiddleware(BaseMiddleware):

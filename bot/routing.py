@@ -226,11 +226,16 @@ def _pre_gate(dp: Dispatcher) -> None:
     handler saved: a free-text question passed some sixty of them, most waiting for a
     conversation state nobody was in, before reaching the knowledge router)."""
     for handler in _handlers(dp):
-        if getattr(handler.check, "pre_gated", False):
+        if getattr(handler.check, "precheck", None) is not None:
             continue
         pre = precheck(handler)
         if not pre.empty:
             handler.check = _gated_check(handler.check, pre)  # type: ignore[method-assign]
+
+
+def _precheck_of(handler: HandlerObject) -> Precheck:
+    """The precheck :func:`_pre_gate` gave the handler (computed once), or its own."""
+    return getattr(handler.check, "precheck", None) or precheck(handler)
 
 
 def _gated_check(check: Callable[..., Awaitable[tuple[bool, dict[str, Any]]]],
@@ -240,7 +245,7 @@ def _gated_check(check: Callable[..., Awaitable[tuple[bool, dict[str, Any]]]],
             return False, kwargs
         return await check(*args, **kwargs)
 
-    gated.pre_gated = True  # type: ignore[attr-defined]
+    gated.precheck = pre  # type: ignore[attr-defined]
     return gated
 
 
@@ -276,7 +281,7 @@ def router_plan(router: Router, update_type: str) -> RouterPlan | None:
         if list(observer.outer_middleware):
             return None
         for handler in observer.handlers:
-            pre = precheck(handler)
+            pre = _precheck_of(handler)
             if pre.empty:
                 return None
             prechecks.append(pre)
